@@ -1,0 +1,243 @@
+"""Load and save CT-FM weights in every published layout, safely and with a report of what matched.
+
+Layouts read (file or folder):
+
+- Hugging Face model folder: ``config.json`` + ``model.safetensors`` (``PyTorchModelHubMixin``), keys exactly
+  MONAI's ``SegResEncoder`` keys (``project-lighter/ct_fm_feature_extractor``).
+- ``SegResNetDS`` state dicts: ``encoder.*`` + ``up_layers.*`` (``ct_fm_segresnet``, ``whole_body_segmentation``).
+- Lightning checkpoints: ``{"state_dict": {"model.backbone.*", "model.projection_head.*"}, ...}``, with
+  ``_orig_mod.`` where the run used ``torch.compile``.
+- Plain state dicts, ``.safetensors``, ``.pt``/``.pth``/``.ckpt``; DDP's ``module.`` is dropped too.
+
+Nothing is unpickled beyond tensors and plain containers: ``.pt`` files go through
+``torch.load(weights_only=True)``, and a file that needs more is refused with a one-line error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ctfm.errors import CTFMError
+from ctfm.encoder import CTFM_BLOCKS_DOWN, CTFMEncoder
+from ctfm.files import atomic_path, sha256sum
+
+HF_CONFIG = "config.json"
+HF_WEIGHTS = "model.safetensors"
+_WRAPPER_SEGMENTS = re.compile(r"^module\.|(?:^|(?<=\.))_orig_mod\.")  # DDP and torch.compile wrappers
+ENCODER_CONFIG_KEYS = ("blocks_down", "in_channels", "init_filters", "spatial_dims")
+_CONTAINER_KEYS = ("state_dict", "model", "network", "model_state_dict")
+
+
+class CheckpointError(CTFMError, ValueError):
+    """A checkpoint that cannot be read or does not fit the module; the message names the file."""
+
+
+@dataclass
+class LoadReport:
+    """Which keys of a checkpoint went where: the answer to "did my weights really load?"."""
+
+    source: str
+    layout: str
+    prefix: str
+    matched: list[str] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        prefix = f" under prefix '{self.prefix}'" if self.prefix else ""
+        return (
+            f"{self.source} ({self.layout}{prefix}): {len(self.matched)} matched, {len(self.missing)} missing, "
+            f"{len(self.unexpected)} unexpected keys"
+        )
+
+
+def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
+    """Read tensors from any supported layout; returns ``(state_dict, layout name)`` with wrapper prefixes kept."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file or folder")
+    if path.is_dir():
+        weights = path / HF_WEIGHTS
+        if not weights.is_file():
+            raise CheckpointError(f"{path}: folder has no {HF_WEIGHTS} (expected a Hugging Face model folder)")
+        return _read_safetensors(weights), "huggingface folder"
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path), "safetensors"
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle errors carry multi-line advice; keep the first line
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not loadable as a tensors-only checkpoint ({first})") from None
+    layout = "state dict"
+    for key in _CONTAINER_KEYS:
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            layout = "lightning checkpoint" if "pytorch-lightning_version" in obj or key == "state_dict" else key
+            obj = obj[key]
+            break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: holds no state dict of tensors")
+    return obj, layout
+
+
+def load_weights(
+    module: nn.Module, path: str | os.PathLike, strict: bool = True, sha256: str | None = None
+) -> LoadReport:
+    """Copy the weights of ``path`` into ``module`` and report matched / missing / unexpected keys.
+
+    The checkpoint key prefix that addresses ``module`` (``""``, ``encoder.``, ``model.backbone.``, ...) is
+    found automatically: the one under which most keys match. Keys outside it are reported as unexpected
+    (e.g. a projection head or a decoder); they are not an error.
+
+    Args:
+        module: a :class:`~ctfm.encoder.CTFMEncoder`, a ``SegResNetDS`` or any module.
+        path: a file or a Hugging Face model folder.
+        strict: raise if any of ``module``'s keys stay missing.
+        sha256: expected SHA-256 of the weights file; checked before reading.
+
+    Raises:
+        CheckpointError: unreadable file, wrong hash, no matching keys, a shape mismatch, or (strict) missing keys.
+    """
+    path = Path(path)
+    if sha256 is not None:
+        _check_sha256(path / HF_WEIGHTS if path.is_dir() else path, sha256)
+    if path.is_dir() and (path / HF_CONFIG).is_file() and hasattr(module, "config"):
+        _check_hf_config(path, module.config)
+    raw, layout = read_state_dict(path)
+    state = {_WRAPPER_SEGMENTS.sub("", k): v for k, v in raw.items()}
+    target = module.state_dict()
+    prefix = _best_prefix(state, target)
+    inside = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+    report = LoadReport(
+        source=str(path),
+        layout=layout,
+        prefix=prefix,
+        matched=sorted(k for k in inside if k in target),
+        missing=sorted(k for k in target if k not in inside),
+        unexpected=sorted([prefix + k for k in inside if k not in target] + [k for k in state if not k.startswith(prefix)]),
+    )
+    if not report.matched:
+        raise CheckpointError(
+            f"{path}: no key fits {type(module).__name__} (checkpoint keys look like {sorted(state)[:3]}); "
+            "a different architecture?"
+        )
+    bad = [f"{k} {tuple(inside[k].shape)} vs {tuple(target[k].shape)}" for k in report.matched if inside[k].shape != target[k].shape]
+    if bad:
+        raise CheckpointError(
+            f"{path}: {len(bad)} tensors differ in shape from {type(module).__name__} (first: {bad[0]}); "
+            "a different width or architecture?"
+        )
+    if strict and report.missing:
+        raise CheckpointError(
+            f"{path}: {len(report.missing)} of {len(target)} keys of {type(module).__name__} missing "
+            f"(first: {report.missing[0]}); a different architecture?"
+        )
+    module.load_state_dict({k: inside[k] for k in report.matched}, strict=False)
+    return report
+
+
+def load_encoder(path: str | os.PathLike, sha256: str | None = None) -> tuple[CTFMEncoder, LoadReport]:
+    """Build a :class:`CTFMEncoder` of the checkpoint's size and load it (any layout of this module)."""
+    path = Path(path)
+    if path.is_dir() and (path / HF_CONFIG).is_file():
+        encoder = CTFMEncoder(**_read_hf_config(path))
+    else:
+        state, _ = read_state_dict(path)
+        encoder = CTFMEncoder(**_infer_encoder_config(path, state))
+    return encoder, load_weights(encoder, path, sha256=sha256)
+
+
+def save_hf_folder(encoder: CTFMEncoder, folder: str | os.PathLike) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` as CT-FM's Hugging Face feature extractor; atomic."""
+    with atomic_path(folder, is_dir=True) as tmp:
+        (tmp / HF_CONFIG).write_text(json.dumps(encoder.config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp / HF_WEIGHTS))
+    return Path(folder)
+
+
+def save_state_dict(module: nn.Module, path: str | os.PathLike) -> Path:
+    """Write ``module``'s plain state dict (``.safetensors`` or ``torch.save``), atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    with atomic_path(path) as tmp:
+        if Path(path).suffix == ".safetensors":
+            save_file(state, str(tmp))
+        else:
+            torch.save(state, tmp)
+    return Path(path)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except Exception as err:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(err).__name__}: {err})") from None
+
+
+def _read_hf_config(folder: Path) -> dict:
+    try:
+        config = json.loads((folder / HF_CONFIG).read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{folder / HF_CONFIG}: not valid JSON ({err})") from None
+    defaults = {"act": "relu", "norm": "batch", "head_module": None, "anisotropic_scales": None}
+    other = {k: v for k, v in config.items() if k not in ENCODER_CONFIG_KEYS and defaults.get(k, "?") != v}
+    if other:
+        raise CheckpointError(f"{folder / HF_CONFIG}: not a CT-FM encoder config (unsupported settings {other})")
+    config = {k: v for k, v in config.items() if k in ENCODER_CONFIG_KEYS}
+    return config
+
+
+def _check_hf_config(folder: Path, expected: dict) -> None:
+    config = _read_hf_config(folder)
+    diff = {k: (v, expected[k]) for k, v in config.items() if k in expected and list(_as_list(v)) != list(_as_list(expected[k]))}
+    if diff:
+        desc = ", ".join(f"{k}={a} (module has {b})" for k, (a, b) in diff.items())
+        raise CheckpointError(f"{folder / HF_CONFIG}: architecture differs from the module: {desc}")
+
+
+def _infer_encoder_config(path: Path, state: dict[str, torch.Tensor]) -> dict:
+    state = {_WRAPPER_SEGMENTS.sub("", k): v for k, v in state.items()}
+    conv = [k for k in state if k.endswith("conv_init.weight")]
+    if not conv:
+        raise CheckpointError(f"{path}: no conv_init.weight: not a CT-FM / SegResEncoder checkpoint")
+    prefix = conv[0][: -len("conv_init.weight")]
+    weight = state[conv[0]]
+    blocks = {}
+    for key in state:
+        m = re.match(re.escape(prefix) + r"layers\.(\d+)\.blocks\.(\d+)\.", key)
+        if m:
+            level, block = int(m.group(1)), int(m.group(2))
+            blocks[level] = max(blocks.get(level, 0), block + 1)
+    blocks_down = tuple(blocks[i] for i in sorted(blocks)) or CTFM_BLOCKS_DOWN
+    return {
+        "init_filters": weight.shape[0],
+        "in_channels": weight.shape[1],
+        "spatial_dims": weight.ndim - 2,
+        "blocks_down": blocks_down,
+    }
+
+
+def _best_prefix(state: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> str:
+    candidates = {""}
+    for key in state:
+        parts = key.split(".")
+        candidates.update(".".join(parts[:i]) + "." for i in range(1, min(len(parts), 4)))
+    return max(sorted(candidates), key=lambda p: sum(k[len(p) :] in target for k in state if k.startswith(p)))
+
+
+def _check_sha256(path: Path, expected: str) -> None:
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    actual = sha256sum(path)
+    if actual != expected.lower():
+        raise CheckpointError(f"{path}: sha256 {actual} does not match the expected {expected}")
+
+
+def _as_list(v):
+    return v if isinstance(v, (list, tuple)) else [v]

@@ -1,0 +1,144 @@
+"""The CT-FM encoder, defined once for every bundle of the zoo.
+
+CT-FM's backbone is MONAI's ``SegResEncoder`` with ``blocks_down=(1, 2, 2, 4, 4)``: five levels of residual
+blocks whose feature maps have ``init_filters * 2**i`` channels at stride ``2**i`` (i = 0..4). The published
+model uses ``init_filters=32`` (77,760,992 parameters, 512-d embedding); a smaller width gives the same
+architecture for CPU tests and demos. State-dict keys are exactly MONAI's, so published weights load without
+any key surgery (see :mod:`ctfm.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+from monai.data.utils import dense_patch_slices
+from monai.networks.nets.segresnet_ds import SegResEncoder
+from torch import nn
+
+CTFM_BLOCKS_DOWN = (1, 2, 2, 4, 4)
+CTFM_INIT_FILTERS = 32
+#: Spatial sizes fed to the encoder must be multiples of this (four stride-2 downsamplings).
+SIZE_DIVISOR = 2 ** (len(CTFM_BLOCKS_DOWN) - 1)
+
+
+class CTFMEncoder(SegResEncoder):
+    """MONAI ``SegResEncoder`` with CT-FM's architecture and three ways to read it.
+
+    Args:
+        init_filters: channels of the first level; 32 is CT-FM's published size, 8 or 16 suit CPU demos.
+        in_channels: input channels (1 for a CT in [0, 1]; more for stacked HU windows).
+        spatial_dims: 3 for volumes.
+        blocks_down: residual blocks per level; CT-FM uses ``(1, 2, 2, 4, 4)``.
+
+    Input: ``(B, in_channels, D, H, W)`` with D, H, W divisible by :data:`SIZE_DIVISOR`.
+    """
+
+    def __init__(
+        self,
+        init_filters: int = CTFM_INIT_FILTERS,
+        in_channels: int = 1,
+        spatial_dims: int = 3,
+        blocks_down: Sequence[int] = CTFM_BLOCKS_DOWN,
+    ):
+        super().__init__(
+            spatial_dims=spatial_dims,
+            init_filters=init_filters,
+            in_channels=in_channels,
+            blocks_down=tuple(blocks_down),
+        )
+
+    @property
+    def config(self) -> dict:
+        """The constructor arguments, in the layout of CT-FM's Hugging Face ``config.json``."""
+        return {
+            "blocks_down": list(self.blocks_down),
+            "in_channels": self.in_channels,
+            "init_filters": self.init_filters,
+            "spatial_dims": self.spatial_dims,
+        }
+
+    @property
+    def embedding_dim(self) -> int:
+        """Channels of the deepest map, i.e. the length of the pooled embedding (512 for CT-FM)."""
+        return self.init_filters * 2 ** (len(self.blocks_down) - 1)
+
+    def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Dense maps, shallow to deep: ``init_filters * 2**i`` channels at stride ``2**i``."""
+        check_spatial_size(x.shape[2:])
+        return self(x)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled embedding ``(B, embedding_dim)``: global average of the deepest map."""
+        return self.feature_maps(x)[-1].mean(dim=tuple(range(2, x.ndim)))
+
+    @torch.no_grad()
+    def patch_embeddings(
+        self,
+        volume: torch.Tensor,
+        patch_size: Sequence[int] = (24, 128, 128),
+        overlap: float = 0.0,
+        batch_size: int = 4,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Embed a whole CT patch by patch, as CT-FM's retrieval recipe does.
+
+        Args:
+            volume: one preprocessed CT ``(C, D, H, W)``; padded with its minimum up to at least one patch.
+            patch_size: patch extent in voxels (each side rounded up to a multiple of :data:`SIZE_DIVISOR`).
+            overlap: fraction of a patch shared with its neighbour, in [0, 1).
+            batch_size: patches per forward pass.
+
+        Returns:
+            ``(embeddings, starts)``: ``(P, embedding_dim)`` float32 and ``(P, 3)`` int64 voxel index of each
+            patch's first corner in ``volume``.
+        """
+        patch = tuple(-(-int(p) // SIZE_DIVISOR) * SIZE_DIVISOR for p in patch_size)
+        pad = [max(p - s, 0) for p, s in zip(patch, volume.shape[1:])]
+        if any(pad):
+            padding = [v for d in reversed(pad) for v in (0, d)]
+            volume = nn.functional.pad(volume, padding, value=float(volume.min()))
+        scan_interval = [max(int(p * (1 - overlap)), 1) for p in patch]
+        slices = dense_patch_slices(volume.shape[1:], patch, scan_interval)
+        device = next(self.parameters()).device
+        embeddings = [
+            self.embed(torch.stack([volume[(slice(None), *s)] for s in chunk]).to(device)).float().cpu()
+            for chunk in _chunks(slices, batch_size)
+        ]
+        starts = torch.tensor([[s.start for s in sl] for sl in slices], dtype=torch.int64)
+        return torch.cat(embeddings), starts
+
+
+class ProjectionHead(nn.Sequential):
+    """SimCLR projection head of CT-FM pre-training: ``in -> hidden -> ReLU -> out``, no BatchNorm."""
+
+    def __init__(self, in_features: int = 512, hidden_features: int = 256, out_features: int = 128):
+        super().__init__(
+            nn.Linear(in_features, hidden_features), nn.ReLU(inplace=True), nn.Linear(hidden_features, out_features)
+        )
+
+
+class ContrastiveModel(nn.Module):
+    """Encoder + projection head, the module pre-training optimises: ``(B, C, D, H, W) -> (B, out_features)``."""
+
+    def __init__(self, backbone: CTFMEncoder, projection_head: ProjectionHead | None = None):
+        super().__init__()
+        self.backbone = backbone
+        self.projection_head = projection_head or ProjectionHead(backbone.embedding_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projection_head(self.backbone.embed(x))
+
+
+def check_spatial_size(spatial_shape: Sequence[int]) -> None:
+    """Raise ``ValueError`` unless every spatial size is a positive multiple of :data:`SIZE_DIVISOR`."""
+    bad = [int(s) for s in spatial_shape if int(s) <= 0 or int(s) % SIZE_DIVISOR]
+    if bad:
+        raise ValueError(
+            f"CT-FM encoder input spatial shape {tuple(int(s) for s in spatial_shape)} must be multiples of "
+            f"{SIZE_DIVISOR}; pad or crop the volume first (e.g. DivisiblePadd(k={SIZE_DIVISOR}))"
+        )
+
+
+def _chunks(items: list, size: int) -> Iterator[list]:
+    for i in range(0, len(items), size):
+        yield items[i : i + size]

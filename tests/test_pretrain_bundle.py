@@ -1,0 +1,104 @@
+"""The ctfm_pretrain bundle end to end through ``python -m monai.bundle run`` and ``torchrun``, on the sample CT."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from ctfm.checkpoint import load_encoder
+from ctfm.engine import latest_checkpoint
+
+BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ctfm_pretrain"
+TRAIN = str(BUNDLE / "configs" / "train.json")
+MULTI = str(BUNDLE / "configs" / "multi_gpu_train.json")
+SMALL = {
+    "init_filters": 4,
+    "crop_size": "[16,64,64]",
+    "num_crops": 4,
+    "batch_size": 1,
+    "num_workers": 0,
+    "warmup_epochs": 0,
+    "learning_rate": 0.001,
+}
+
+
+def bundle_command(root: Path, configs: list[str], **overrides) -> list[str]:
+    config_file = configs[0] if len(configs) == 1 else json.dumps(configs)
+    args = [f"--{k}={v}" for k, v in {**SMALL, **overrides, "bundle_root": str(root)}.items()]
+    return ["-m", "monai.bundle", "run", "--config_file", config_file, *args]
+
+
+#: One thread: the runs are then bit-for-bit repeatable (seed 0 in the config), whatever the machine's cores.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run_bundle(root: Path, **overrides) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *bundle_command(root, [TRAIN], **overrides)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def losses(root: Path) -> list[float]:
+    events = EventAccumulator(str(root / "runs"))
+    events.Reload()
+    return [e.value for e in events.Scalars("train_loss")]
+
+
+def test_train_loss_falls_and_export_loads_back(tmp_path):
+    run_bundle(tmp_path, epoch_length=40, max_epochs=2, checkpoint_interval=40)
+    history = losses(tmp_path)
+    assert len(history) == 80
+    # each step sees other crops, so single losses swing by +-0.4: compare the means of the first and last 20
+    first, last = sum(history[:20]) / 20, sum(history[-20:]) / 20
+    assert last < first - 0.1, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    models = tmp_path / "models"
+    assert latest_checkpoint(models / "checkpoints").name == "checkpoint_iteration=80.pt"
+    hf, hf_report = load_encoder(models / "encoder_hf")
+    plain, _ = load_encoder(models / "model.pt")
+    assert len(hf_report.matched) == len(hf.state_dict()) and hf.init_filters == 4
+    x = torch.rand(1, 1, 16, 64, 64)
+    assert torch.equal(hf.eval().embed(x), plain.eval().embed(x))
+    trained = torch.load(latest_checkpoint(models / "checkpoints"), weights_only=True)["network"]
+    assert torch.equal(trained["backbone.conv_init.weight"], hf.conv_init.weight)
+
+
+def test_sigkill_after_checkpoint_resumes_to_the_same_step(tmp_path):
+    settings = {"epoch_length": 6, "max_epochs": 2, "checkpoint_interval": 3, "crop_size": "[16,32,32]"}
+    cmd = [sys.executable, *bundle_command(tmp_path, [TRAIN], **settings)]
+    killed = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
+    ckpts = tmp_path / "models" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and latest_checkpoint(ckpts) is None and killed.poll() is None:
+        time.sleep(0.2)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    first = latest_checkpoint(ckpts)
+    assert first is not None and first.name != "checkpoint_iteration=12.pt"
+    assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # no half-written file survives
+    proc = run_bundle(tmp_path, **settings)
+    assert "resumed from" in proc.stdout + proc.stderr
+    assert latest_checkpoint(ckpts).name == "checkpoint_iteration=12.pt"
+    resumed = torch.load(latest_checkpoint(ckpts), weights_only=True)["trainer"]
+    run_bundle(tmp_path / "uninterrupted", **settings)
+    straight = torch.load(latest_checkpoint(tmp_path / "uninterrupted" / "models" / "checkpoints"), weights_only=True)["trainer"]
+    assert resumed["iteration"] == straight["iteration"] == 12
+    assert resumed["epoch"] == straight["epoch"] == 2
+    assert (tmp_path / "models" / "encoder_hf" / "model.safetensors").is_file()
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517"]
+    cmd += bundle_command(tmp_path, [TRAIN, MULTI], epoch_length=2, max_epochs=1, checkpoint_interval=2, crop_size="[16,32,32]")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert latest_checkpoint(tmp_path / "models" / "checkpoints").name == "checkpoint_iteration=2.pt"
+    encoder, _ = load_encoder(tmp_path / "models" / "encoder_hf")
+    assert encoder.init_filters == 4
