@@ -90,7 +90,7 @@ def test_sigkill_after_checkpoint_resumes_to_the_same_step(tmp_path):
     run_bundle(tmp_path / "uninterrupted", **settings)
     straight = torch.load(latest_checkpoint(tmp_path / "uninterrupted" / "models" / "checkpoints"), weights_only=True)["trainer"]
     assert resumed["iteration"] == straight["iteration"] == 12
-    assert resumed["epoch"] == straight["epoch"] == 2
+    assert resumed["max_epochs"] == straight["max_epochs"] == 2
     assert (tmp_path / "models" / "encoder_hf" / "model.safetensors").is_file()
 
 
