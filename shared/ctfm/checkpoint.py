@@ -16,6 +16,7 @@ Nothing is unpickled beyond tensors and plain containers: ``.pt`` files go throu
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from ctfm.errors import CTFMError
 from ctfm.encoder import CTFM_BLOCKS_DOWN, CTFMEncoder
 from ctfm.files import atomic_path, sha256sum
 
+logger = logging.getLogger("ctfm.checkpoint")
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 _WRAPPER_SEGMENTS = re.compile(r"^module\.|(?:^|(?<=\.))_orig_mod\.")  # DDP and torch.compile wrappers
@@ -141,6 +143,13 @@ def load_weights(
         )
     module.load_state_dict({k: inside[k] for k in report.matched}, strict=False)
     return report
+
+
+def with_weights(module: nn.Module, path: str | os.PathLike, sha256: str | None = None) -> nn.Module:
+    """``module`` with the weights of ``path`` loaded (all keys required) and the report logged; for configs:
+    ``"network": "$ctfm.checkpoint.with_weights(@network_def, @weights)"``."""
+    logger.info(load_weights(module, path, sha256=sha256).summary())
+    return module
 
 
 def load_encoder(path: str | os.PathLike, sha256: str | None = None) -> tuple[CTFMEncoder, LoadReport]:

@@ -9,10 +9,9 @@ any key surgery (see :mod:`ctfm.checkpoint`).
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
-from monai.data.utils import dense_patch_slices
 from monai.networks.nets.segresnet_ds import SegResEncoder
 from torch import nn
 
@@ -72,40 +71,15 @@ class CTFMEncoder(SegResEncoder):
         """Pooled embedding ``(B, embedding_dim)``: global average of the deepest map."""
         return self.feature_maps(x)[-1].mean(dim=tuple(range(2, x.ndim)))
 
-    @torch.no_grad()
     def patch_embeddings(
-        self,
-        volume: torch.Tensor,
-        patch_size: Sequence[int] = (24, 128, 128),
-        overlap: float = 0.0,
-        batch_size: int = 4,
+        self, volume: torch.Tensor, patch_size: Sequence[int] = (24, 128, 128), overlap: float = 0.0, batch_size: int = 4
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed a whole CT patch by patch, as CT-FM's retrieval recipe does.
+        """Embed a whole preprocessed CT ``(C, D, H, W)`` patch by patch: ``(P, embedding_dim)`` embeddings and
+        ``(P, 3)`` patch start indices (see :func:`ctfm.embedding.sliding_patch_embeddings`)."""
+        from ctfm.embedding import sliding_patch_embeddings
 
-        Args:
-            volume: one preprocessed CT ``(C, D, H, W)``; padded with its minimum up to at least one patch.
-            patch_size: patch extent in voxels (each side rounded up to a multiple of :data:`SIZE_DIVISOR`).
-            overlap: fraction of a patch shared with its neighbour, in [0, 1).
-            batch_size: patches per forward pass.
-
-        Returns:
-            ``(embeddings, starts)``: ``(P, embedding_dim)`` float32 and ``(P, 3)`` int64 voxel index of each
-            patch's first corner in ``volume``.
-        """
-        patch = tuple(-(-int(p) // SIZE_DIVISOR) * SIZE_DIVISOR for p in patch_size)
-        pad = [max(p - s, 0) for p, s in zip(patch, volume.shape[1:])]
-        if any(pad):
-            padding = [v for d in reversed(pad) for v in (0, d)]
-            volume = nn.functional.pad(volume, padding, value=float(volume.min()))
-        scan_interval = [max(int(p * (1 - overlap)), 1) for p in patch]
-        slices = dense_patch_slices(volume.shape[1:], patch, scan_interval)
         device = next(self.parameters()).device
-        embeddings = [
-            self.embed(torch.stack([volume[(slice(None), *s)] for s in chunk]).to(device)).float().cpu()
-            for chunk in _chunks(slices, batch_size)
-        ]
-        starts = torch.tensor([[s.start for s in sl] for sl in slices], dtype=torch.int64)
-        return torch.cat(embeddings), starts
+        return sliding_patch_embeddings(lambda x: self.embed(x.to(device)), volume, patch_size, overlap, batch_size)
 
 
 class ProjectionHead(nn.Sequential):
@@ -137,8 +111,3 @@ def check_spatial_size(spatial_shape: Sequence[int]) -> None:
             f"CT-FM encoder input spatial shape {tuple(int(s) for s in spatial_shape)} must be multiples of "
             f"{SIZE_DIVISOR}; pad or crop the volume first (e.g. DivisiblePadd(k={SIZE_DIVISOR}))"
         )
-
-
-def _chunks(items: list, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]

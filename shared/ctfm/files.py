@@ -11,6 +11,15 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+def _file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+_FILE_MODE = _file_mode()
+
+
 @contextmanager
 def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success rename it onto ``target``, on error delete it.
@@ -34,6 +43,7 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
         else:
+            os.chmod(out, _FILE_MODE)  # as a plain open() would have made it, not mkstemp's 0600
             os.replace(out, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
