@@ -11,13 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def _file_mode() -> int:
+def _current_umask() -> int:
     umask = os.umask(0)
     os.umask(umask)
-    return 0o666 & ~umask
+    return umask
 
 
-_FILE_MODE = _file_mode()
+_UMASK = _current_umask()
+_FILE_MODE = 0o666 & ~_UMASK
 
 
 @contextmanager
@@ -39,6 +40,8 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False) -> Iterator[Pat
                 old = target.with_name(f".{target.name}.old")
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(target, old)
+            for path in [tmp, *tmp.rglob("*")]:  # as mkdir() and open() would have made them, not mkdtemp's 0700
+                os.chmod(path, _FILE_MODE | (0o111 & ~_UMASK) if path.is_dir() else _FILE_MODE)
             os.replace(tmp, target)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
