@@ -102,3 +102,11 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     assert latest_checkpoint(tmp_path / "models" / "checkpoints").name == "checkpoint_iteration=2.pt"
     encoder, _ = load_encoder(tmp_path / "models" / "encoder_hf")
     assert encoder.init_filters == 4
+
+
+def test_shipped_weights_load_in_both_layouts():
+    hf, report = load_encoder(BUNDLE / "models" / "encoder_hf")
+    plain, _ = load_encoder(BUNDLE / "models" / "model.pt")
+    assert not report.missing and not report.unexpected and hf.init_filters == 8
+    x = torch.rand(2, 1, 16, 64, 64)
+    assert torch.equal(hf.eval().embed(x), plain.eval().embed(x))
