@@ -15,12 +15,15 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# Pre-train the small demo encoder on the shipped sample CT, then load the export back.
+# On the shipped sample CT: a short pre-training run (checkpoints, TensorBoard, encoder export), then the shipped
+# encoder's patch embeddings with their PNG map. Outputs under runs/demo/.
 demo: setup
 	$(PY) -m monai.bundle run --config_file bundles/ctfm_pretrain/configs/train.json \
-		--bundle_root runs/demo_pretrain --init_filters 8 --crop_size "[16,64,64]" --num_crops 4 \
+		--bundle_root runs/demo/pretrain --init_filters 8 --crop_size "[16,64,64]" --num_crops 4 \
 		--batch_size 1 --num_workers 0 --epoch_length 10 --max_epochs 2 --warmup_epochs 1 --checkpoint_interval 10
-	$(PY) -c "from ctfm.checkpoint import load_encoder; print(load_encoder('runs/demo_pretrain/models/encoder_hf')[1].summary())"
+	$(PY) -c "from ctfm.checkpoint import load_encoder; print(load_encoder('runs/demo/pretrain/models/encoder_hf')[1].summary())"
+	$(PY) -m monai.bundle run --config_file bundles/ctfm_pretrain/configs/inference.json \
+		--bundle_root bundles/ctfm_pretrain --output_dir runs/demo/embeddings
 
 test: setup
 	$(PY) ci/verify_bundle.py
