@@ -1,5 +1,6 @@
 """Whole-CT embeddings: the pooled output of every runtime, and the ctfm_pretrain inference config end to end."""
 
+import json
 import os
 import subprocess
 import sys
@@ -12,7 +13,8 @@ from ctfm.checkpoint import save_state_dict
 from ctfm.embedding import PatchEmbeddingInferer, pooled
 from ctfm.encoder import CTFMEncoder
 
-INFERENCE = Path(__file__).resolve().parents[1] / "bundles" / "ctfm_pretrain" / "configs" / "inference.json"
+CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "ctfm_pretrain" / "configs"
+INFERENCE = CONFIGS / "inference.json"
 
 
 def test_pooled_accepts_feature_maps_and_embeddings(small_encoder, ct_batch):
@@ -50,3 +52,24 @@ def test_bundle_inference_with_the_wrong_width_fails_in_one_line(tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'encoder.pt'}: ")
     assert "differ in shape" in proc.stderr and not (tmp_path / "eval").exists()
+
+
+def test_onnx_runtime_and_tensorrt_overrides_match_torch(tmp_path, small_encoder):
+    """inference_onnx.json runs ONNX Runtime (CPU here); inference_trt.json falls back to PyTorch and says so."""
+    save_state_dict(small_encoder, tmp_path / "encoder.pt")
+    outputs = {}
+    for name in ("", "_onnx", "_trt"):
+        configs = [str(INFERENCE)] + ([str(CONFIGS / f"inference{name}.json")] if name else [])
+        cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(tmp_path),
+               "--weights", str(tmp_path / "encoder.pt"), "--init_filters", "4", "--output_dir", str(tmp_path / f"out{name}")]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        outputs[name] = load_file(str(tmp_path / f"out{name}" / "example_ct_embedding.safetensors"))["patch_embeddings"]
+        if name == "_onnx":
+            assert "ONNX Runtime on CPUExecutionProvider" in proc.stderr + proc.stdout
+            assert (tmp_path / "models" / "model_embedding.onnx").is_file()
+        if name == "_trt":
+            assert "runs as PyTorch" in proc.stderr + proc.stdout
+    scale = outputs[""].abs().max()
+    assert (outputs["_onnx"] - outputs[""]).abs().max() <= 1e-5 * scale  # fp32 in both: rounding only
+    assert torch.equal(outputs["_trt"], outputs[""])

@@ -214,6 +214,29 @@ class OnnxRuntimeModule(nn.Module):
         return outputs[0] if len(outputs) == 1 else outputs
 
 
+def onnx_runtime_network(
+    module: nn.Module,
+    path: str | os.PathLike,
+    patch_size: Sequence[int],
+    output: str = "embedding",
+    weights: str | os.PathLike | None = None,
+    providers: Sequence[str] | None = None,
+    threads: int | None = None,
+) -> OnnxRuntimeModule:
+    """``module`` as an :class:`OnnxRuntimeModule`, for a bundle's ``inference_onnx.json``.
+
+    ``path`` is exported first (:func:`export_onnx`) unless it already holds a graph of this ``patch_size``
+    that is newer than ``weights``; so the first run exports, later runs start at once. The caller feeds
+    patches of exactly ``patch_size`` (e.g. a sliding-window ROI), any batch size.
+    """
+    path = Path(path)
+    stale = weights is not None and Path(weights).exists() and path.exists() and path.stat().st_mtime < Path(weights).stat().st_mtime
+    if not path.is_file() or stale or _input_shape(path)[2:] != [int(p) for p in patch_size]:
+        channels = next(m for m in module.modules() if isinstance(m, nn.Conv3d)).in_channels
+        export_onnx(module, path, patch_size, channels, output)
+    return OnnxRuntimeModule(path, providers, threads)
+
+
 def quantize_onnx(
     path_in: str | os.PathLike,
     path_out: str | os.PathLike,
