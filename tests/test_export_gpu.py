@@ -68,7 +68,7 @@ def test_tensorrt_fp16_matches_torch_and_caches_the_engine(encoder, tmp_path):
         got = compiled.embed(x)
     assert _relative_error(got, expected) < TRT_FP16_TOLERANCE
     assert cosine_similarity(got.float(), expected).min() > 0.999
-    assert [p.name for p in tmp_path.glob("*.plan")] == ["ctfm_encoder_fp16.plan"]
+    assert [p.name for p in tmp_path.glob("*.plan")] == ["ctfmencoder_fp16.plan"]
 
     other_weights = randomise(CTFMEncoder(init_filters=8), seed=1).cuda()
     reloaded = trt_compile_encoder(other_weights, tmp_path)

@@ -290,7 +290,7 @@ def trt_compile_encoder(
     """Run ``module``'s forward as a TensorRT engine, built on first call and cached in ``engine_dir``.
 
     Uses MONAI's ``trt_compile`` (ONNX export at opset 17 -> TensorRT). The engine file is
-    ``engine_dir/ctfm_encoder_<precision>.plan``, normally the weights' folder; it is rebuilt when older than
+    ``engine_dir/<module class name>_<precision>.plan``, normally the weights' folder; it is rebuilt when older than
     ``weights``. Its spatial shape is that of the first call; ``batch_sizes`` is the (min, optimal, max) batch
     profile. ``module`` must be on the CUDA device; ``embed`` and ``feature_maps`` go through the engine, and
     the maps it returns are the engine's output buffers, overwritten by the next call (clone to keep them).
@@ -313,7 +313,7 @@ def trt_compile_encoder(
     }
     if weights is not None and Path(weights).exists():
         args["timestamp"] = int(Path(weights).stat().st_mtime)
-    return trt_compile(module, str(engine_dir / f"ctfm_encoder_{precision}"), args=args, logger=logger)
+    return trt_compile(module, str(engine_dir / f"{type(module).__name__.lower()}_{precision}"), args=args, logger=logger)
 
 
 def _tensorrt_missing() -> list[str]:
