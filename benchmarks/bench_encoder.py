@@ -6,9 +6,11 @@ Measured, in order:
    host or device-to-device copy, bytes read + written per second, GB/s), per device;
 2. the work: encoder FLOPs per patch (``torch.utils.flop_counter.FlopCounterMode`` on the meta device), bytes
    of weights and of all layer outputs;
-3. the time to embed one patch ``(1, 1, D, H, W)`` -> ``(1, 512)``, median of ``repeats`` runs after
-   ``warmup``: torch eager fp32, ONNX Runtime CPU fp32, ONNX Runtime CPU int8 (static QDQ); on a GPU also torch
-   fp32 (TF32 off), torch AMP fp16, ONNX Runtime CUDA and TensorRT fp16.
+3. the time to embed one patch ``(1, 1, D, H, W)`` -> ``(1, 512)``: torch eager fp32, ONNX Runtime CPU fp32,
+   ONNX Runtime CPU int8 (static QDQ); on a GPU also torch fp32 (TF32 off), torch AMP fp16, ONNX Runtime CUDA
+   and TensorRT fp16. After ``warmup`` untimed calls, ``repeats`` rounds time each backend once in turn (so a
+   busy spell on a shared machine hits all alike); the median per backend is reported;
+4. the peak again, keeping the higher of the two figures.
 
 Each row reports seconds, achieved GFLOP/s (fp32-equivalent FLOPs over seconds), percent of the device's
 measured fp32 peak, speed-up over torch eager on the same device, max abs difference from torch fp32 and cosine
@@ -104,79 +106,102 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float().cpu(), b.float().cpu()).min())
 
 
-def timed(backend: str, run: Callable[[], torch.Tensor], repeats: int, warmup: int, sync=lambda: None) -> dict:
-    """One result row without the derived columns: median seconds of ``run`` and its output."""
-    return {"backend": backend, "seconds": median_seconds(run, repeats, warmup, sync), "output": run()}
-
-
-def bench_cpu(
-    encoder: CTFMEncoder, patch: tuple[int, ...], threads: int, repeats: int, warmup: int, work: str
+def time_interleaved(
+    runs: dict[str, Callable[[], torch.Tensor]], repeats: int, warmup: int, sync: Callable[[], None] = lambda: None
 ) -> list[dict]:
-    """torch eager, ONNX Runtime fp32 and int8 on the CPU."""
+    """Median seconds and output of each run; rounds time every run once, so a busy spell hits them alike.
+
+    The first of the ``max(warmup, 1)`` untimed calls gives the output (and builds lazy engines).
+    """
+    outputs = {name: run() for name, run in runs.items()}
+    for _ in range(warmup - 1):
+        for run in runs.values():
+            run()
+    times = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, run in runs.items():
+            sync()
+            start = time.perf_counter()
+            run()
+            sync()
+            times[name].append(time.perf_counter() - start)
+    return [{"backend": n, "seconds": statistics.median(times[n]), "output": outputs[n]} for n in runs]
+
+
+def cpu_runs(encoder: CTFMEncoder, patch: tuple[int, ...], threads: int, work: str) -> dict:
+    """torch eager fp32 (first: the reference), ONNX Runtime CPU fp32 and int8, each embedding one patch."""
     x = smooth_random_patches(1, 1, patch, seed=1)
-    with torch.inference_mode():
-        rows = [timed("torch eager fp32", lambda: encoder.embed(x), repeats, warmup)]
     fp32_path = export_onnx(encoder, Path(work) / f"encoder_{_name(patch)}.onnx", patch)
-    fp32 = OnnxRuntimeModule(fp32_path, providers=["CPUExecutionProvider"], threads=threads)
-    rows.append(timed("ONNX Runtime CPU fp32", lambda: fp32(x), repeats, warmup))
-    del fp32
     calibration = [smooth_random_patches(1, 1, patch, seed=100 + i) for i in range(4)]
     int8_path = quantize_onnx(fp32_path, fp32_path.with_suffix(".int8.onnx"), calibration)
-    int8 = OnnxRuntimeModule(int8_path, providers=["CPUExecutionProvider"], threads=threads)
-    rows.append(timed("ONNX Runtime CPU int8 (static QDQ)", lambda: int8(x), repeats, warmup))
-    return [dict(r, device="cpu", reference=rows[0]["output"]) for r in rows]
+    fp32, int8 = (OnnxRuntimeModule(p, ["CPUExecutionProvider"], threads) for p in (fp32_path, int8_path))
+
+    def eager():
+        with torch.inference_mode():
+            return encoder.embed(x)
+
+    return {
+        "torch eager fp32": eager,
+        "ONNX Runtime CPU fp32": lambda: fp32(x),
+        "ONNX Runtime CPU int8 (static QDQ)": lambda: int8(x),
+    }
 
 
-def bench_gpu(encoder: CTFMEncoder, patch: tuple[int, ...], repeats: int, warmup: int, work: str) -> list[dict]:
-    """torch fp32 (TF32 off) and AMP fp16, ONNX Runtime CUDA and TensorRT fp16 on the GPU."""
+def gpu_runs(encoder: CTFMEncoder, patch: tuple[int, ...], work: str) -> dict:
+    """torch fp32 (TF32 off; first: the reference), torch AMP fp16, ONNX Runtime CUDA, TensorRT fp16."""
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     encoder = copy.deepcopy(encoder).cuda()
     x = smooth_random_patches(1, 1, patch, seed=1).cuda()
-    sync = torch.cuda.synchronize
 
-    def amp():
-        with torch.autocast("cuda", dtype=torch.float16):
+    def eager():
+        with torch.inference_mode():
             return encoder.embed(x)
 
-    with torch.inference_mode():
-        rows = [timed("torch fp32", lambda: encoder.embed(x), repeats, warmup, sync)]
-        rows.append(timed("torch AMP fp16", amp, repeats, warmup, sync))
-    path = export_onnx(encoder, Path(work) / f"encoder_gpu_{_name(patch)}.onnx", patch)
-    runtime = OnnxRuntimeModule(path, providers=["CUDAExecutionProvider"])
+    def amp():
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16):
+            return encoder.embed(x)
+
+    runs = {"torch fp32": eager, "torch AMP fp16": amp}
+    runtime = OnnxRuntimeModule(export_onnx(encoder, Path(work) / f"encoder_gpu_{_name(patch)}.onnx", patch))
     if runtime.providers[0] == "CUDAExecutionProvider":
-        rows.append(timed("ONNX Runtime CUDA fp32", lambda: runtime(x), repeats, warmup, sync))
+        runs["ONNX Runtime CUDA fp32"] = lambda: runtime(x)
     compiled = trt_compile_encoder(copy.deepcopy(encoder), Path(work) / f"trt_{_name(patch)}")
     if hasattr(compiled, "_trt_compiler"):  # absent where trt_compile_encoder fell back to PyTorch
-        with torch.inference_mode():
-            compiled.embed(x)  # builds the engine outside the timing
-            rows.append(timed("TensorRT fp16", lambda: compiled.embed(x), repeats, warmup, sync))
-    return [dict(r, device="cuda", reference=rows[0]["output"]) for r in rows]
+
+        def trt():
+            with torch.inference_mode():
+                return compiled.embed(x)  # the first call builds the engine
+
+        runs["TensorRT fp16"] = trt
+    return runs
 
 
 def _name(patch: Sequence[int]) -> str:
     return "x".join(map(str, patch))
 
 
-def finish_rows(rows: list[dict], patch: tuple[int, ...], flops: int, peaks: dict) -> list[dict]:
-    """Add GFLOP/s, percent of the device's peak, speed-up over its first (torch) row and parity columns."""
-    baseline = {}
-    for row in rows:
-        baseline.setdefault(row["device"], row["seconds"])
-    out = []
-    for row in rows:
-        gflops = flops / row["seconds"] / 1e9
-        out.append({
+def finish_rows(timed: list[dict], work: dict, peaks: dict) -> list[dict]:
+    """Add GFLOP/s, percent of the device's peak, and speed-up and parity against the first (torch) row of the
+    same device and patch."""
+    reference = {}
+    for row in timed:
+        reference.setdefault((row["device"], row["patch"]), row)
+    rows = []
+    for row in timed:
+        ref = reference[(row["device"], row["patch"])]
+        gflops = work[row["patch"]]["flops"] / row["seconds"] / 1e9
+        rows.append({
             "device": row["device"],
             "backend": row["backend"],
-            "patch": _name(patch),
+            "patch": row["patch"],
             "seconds": row["seconds"],
             "gflops": gflops,
             "percent_of_peak": 100 * gflops / peaks[row["device"]]["fp32_gflops"],
-            "speedup": baseline[row["device"]] / row["seconds"],
-            "max_abs_diff": float((row["output"].float().cpu() - row["reference"].float().cpu()).abs().max()),
-            "cosine": cosine(row["output"], row["reference"]),
+            "speedup": ref["seconds"] / row["seconds"],
+            "max_abs_diff": float((row["output"].float().cpu() - ref["output"].float().cpu()).abs().max()),
+            "cosine": cosine(row["output"], ref["output"]),
         })
-    return out
+    return rows
 
 
 def markdown(report: dict) -> str:
@@ -191,12 +216,17 @@ def markdown(report: dict) -> str:
         "",
         f"Machine: {m['cpu']} ({m['cpu_count']} logical CPUs){', ' + m['gpu'] if m.get('gpu') else ''}; "
         f"torch {m['torch']}, onnxruntime {m['onnxruntime']}, onnx {m['onnx']}. "
-        f"Load average (1 min) before / after: {m['load_before']:.2f} / {m['load_after']:.2f}.",
+        f"Other processes used {m['others_cpu_percent']:.0f}% of the CPU time during the run "
+        f"(load average before: {m['load_before']:.2f}).",
         "",
-        "| device | fp32 peak (GFLOP/s, 4096² matmul) | copy bandwidth (GB/s, read + write) |",
+        "| device | fp32 peak (GFLOP/s, 4096² matmul; before / after) | copy bandwidth (GB/s, read + write) |",
         "|---|---|---|",
     ]
-    lines += [f"| {d} | {p['fp32_gflops']:.0f} | {p['copy_gbps']:.1f} |" for d, p in report["peaks"].items()]
+    lines += [
+        f"| {d} | {p['fp32_gflops']:.0f} ({p['fp32_gflops_before']:.0f} / {p['fp32_gflops_after']:.0f}) | "
+        f"{p['copy_gbps']:.1f} |"
+        for d, p in report["peaks"].items()
+    ]
     lines += ["", "| patch | GFLOP | weights (MB) | layer outputs (MB) | fp32 floor at peak (s) |"]
     lines += ["|---|---|---|---|---|"]
     cpu_peak = report["peaks"]["cpu"]["fp32_gflops"]
@@ -218,12 +248,22 @@ def markdown(report: dict) -> str:
     ]
     lines += [
         "",
-        "GFLOP/s counts the fp32 encoder's FLOPs for every row, so int8 and fp16 rows can pass 100% of the fp32 peak. "
-        "Speed-up is over torch eager fp32 on the same device in this run; max abs diff and cosine compare with it. "
-        "A load average above 0 means other processes shared the CPU during the run.",
+        "Peak: the higher of the measurements before and after the timings. GFLOP/s counts the fp32 encoder's "
+        "FLOPs for every row, so int8 and fp16 rows can pass 100% of the fp32 peak. Backends are timed in "
+        "interleaved rounds (one run of each per round); seconds are the median over rounds. Speed-up is over "
+        "torch eager fp32 on the same device in this run; max abs diff and cosine compare with it. CPU time used "
+        "by other processes during the run slows every row and lowers the peak measured after the timings.",
         "",
     ]
     return "\n".join(lines)
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """``(all processes, this one)``: CPU seconds used so far, from ``/proc/stat`` (Linux) and ``os.times``."""
+    with open("/proc/stat") as f:
+        user, nice, system, _idle, _iowait, irq, softirq = map(int, f.readline().split()[1:8])
+    mine = os.times()
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK"), mine.user + mine.system
 
 
 def machine_info() -> dict:
@@ -250,8 +290,8 @@ def main(
     """Run the whole benchmark once; print the table and write ``encoder_{cpu,gpu}.{json,md}`` into ``out``.
 
     Args:
-        repeats: timed runs per backend and shape (the median is reported).
-        warmup: untimed runs before them.
+        repeats: timed rounds per shape, each running every backend once (the median is reported).
+        warmup: untimed calls of each backend before them.
         threads: CPU threads for torch and ONNX Runtime; default torch's (one per physical core).
         shapes: patch shapes ``(D, H, W)``, multiples of 16.
         init_filters: encoder width; 32 is CT-FM.
@@ -261,23 +301,32 @@ def main(
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     machine = dict(machine_info(), load_before=os.getloadavg()[0])
-    gpu = torch.cuda.is_available()
-    peaks = {"cpu": measure_peak(torch.device("cpu"))}
-    if gpu:
-        peaks["cuda"] = measure_peak(torch.device("cuda"))
+    start_wall, (start_all, start_mine) = time.perf_counter(), cpu_seconds()
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    peaks_before = {d.type: measure_peak(d) for d in devices}
     encoder = CTFMEncoder(init_filters=init_filters).eval()
-    work, rows = {}, []
+    work, timed = {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for patch in (tuple(int(s) for s in shape) for shape in shapes):
-            key = _name(patch)
-            work[key] = count_work(init_filters, patch)
-            raw = bench_cpu(encoder, patch, threads, repeats, warmup, tmp)
-            if gpu:
-                raw += bench_gpu(encoder, patch, repeats, warmup, tmp)
-            rows += finish_rows(raw, patch, work[key]["flops"], peaks)
-            print(progress_lines(rows[-len(raw):]), flush=True)
-    machine["load_after"] = os.getloadavg()[0]
-    name = "encoder_gpu" if gpu else "encoder_cpu"
+            work[_name(patch)] = count_work(init_filters, patch)
+            for device in devices:
+                if device.type == "cpu":
+                    runs, sync = cpu_runs(encoder, patch, threads, tmp), (lambda: None)
+                else:
+                    runs, sync = gpu_runs(encoder, patch, tmp), torch.cuda.synchronize
+                for row in time_interleaved(runs, repeats, warmup, sync):
+                    timed.append(dict(row, device=device.type, patch=_name(patch)))
+                    print(f"{device.type:4s} {row['backend']:36s} {_name(patch):>10s} {row['seconds']:8.3f} s")
+    peaks = {}
+    for d in devices:  # the higher of the two measurements: a busy spell must not flatter the percentages
+        before, after = peaks_before[d.type], measure_peak(d)
+        peaks[d.type] = {k: max(before[k], after[k]) for k in before}
+        peaks[d.type].update(fp32_gflops_before=before["fp32_gflops"], fp32_gflops_after=after["fp32_gflops"])
+    rows = finish_rows(timed, work, peaks)
+    end_all, end_mine = cpu_seconds()
+    capacity = (time.perf_counter() - start_wall) * os.cpu_count()
+    machine["others_cpu_percent"] = 100 * max((end_all - start_all) - (end_mine - start_mine), 0) / capacity
+    name = "encoder_gpu" if len(devices) > 1 else "encoder_cpu"
     report = {
         "name": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -296,15 +345,6 @@ def main(
         tmp_json.write_text(json.dumps(report, indent=2) + "\n")
     with atomic_path(Path(out) / f"{name}.md") as tmp_md:
         tmp_md.write_text(text)
-
-
-def progress_lines(rows: list[dict]) -> str:
-    """Progress lines: one per backend, as soon as a shape is done."""
-    return "\n".join(
-        f"{r['device']:4s} {r['backend']:36s} {r['patch']:>10s} {r['seconds']:8.3f} s {r['gflops']:7.0f} GFLOP/s "
-        f"{r['percent_of_peak']:5.0f}% {r['speedup']:5.2f}x  diff {r['max_abs_diff']:.1e}  cos {r['cosine']:.6f}"
-        for r in rows
-    )
 
 
 if __name__ == "__main__":

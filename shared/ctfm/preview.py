@@ -1,0 +1,142 @@
+"""A PNG to check a segmentation at a glance: axial, coronal and sagittal planes with the labels overlaid.
+
+The planes pass through the centre of mass of all labelled voxels (the volume centre when nothing is
+labelled). The CT is shown in a soft-tissue window (level 40 HU, width 400 HU) in radiological convention
+(patient's right on the viewer's left, anterior up in the axial plane, superior up elsewhere), at true aspect
+ratio from the voxel spacing. Every label id always gets the same colour; a legend names the largest
+structures in view.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ctfm.files import atomic_path
+
+SOFT_TISSUE_WINDOW = (-160.0, 240.0)
+OVERLAY_ALPHA = 0.45
+LEGEND_ENTRIES = 14
+
+
+def label_colours(num_labels: int = 256) -> np.ndarray:
+    """``(num_labels, 3)`` RGB in [0, 1], fixed per label id: hues spaced by the golden ratio; id 0 is black."""
+    colours = np.zeros((num_labels, 3))
+    for label in range(1, num_labels):
+        hue = (label * 0.618033988749895) % 1.0
+        lightness = 0.5 + 0.12 * ((label % 3) - 1)
+        colours[label] = colorsys.hls_to_rgb(hue, lightness, 0.85)
+    return colours
+
+
+def to_lps(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder and flip ``(X, Y, Z)`` voxel axes so that they run towards patient Left, Posterior, Superior.
+
+    Returns ``(volume view, spacing in mm per new axis)``; ``affine`` maps voxels to RAS mm (MONAI/NIfTI).
+    """
+    import nibabel as nib
+
+    affine = np.asarray(affine, float)
+    ornt = nib.orientations.io_orientation(affine)
+    target = nib.orientations.axcodes2ornt(("L", "P", "S"))
+    transform = nib.orientations.ornt_transform(ornt, target)
+    spacing = np.linalg.norm(affine[:3, :3], axis=0)
+    new_spacing = np.empty(3)
+    for axis, (new_axis, _) in enumerate(transform):
+        new_spacing[int(new_axis)] = spacing[axis]
+    return nib.orientations.apply_orientation(volume, transform), new_spacing
+
+
+def render_preview(
+    ct: np.ndarray,
+    labels: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    class_names: Mapping[int, str] | None = None,
+    title: str | None = None,
+    window: Sequence[float] = SOFT_TISSUE_WINDOW,
+) -> Path:
+    """Write the three-plane PNG of ``labels`` over ``ct``, atomically.
+
+    Args:
+        ct: ``(X, Y, Z)`` HU.
+        labels: ``(X, Y, Z)`` integer label map on the same grid.
+        affine: 4x4 voxel -> RAS mm of that grid.
+        path: the PNG to write.
+        class_names: label id -> name, for the legend.
+        title: heading, e.g. the input file's name.
+        window: (low, high) HU mapped to black..white.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    ct = np.asarray(ct)
+    labels = np.asarray(labels)
+    if ct.shape != labels.shape or ct.ndim != 3:
+        raise ValueError(f"preview needs a CT and a label map of one 3-D shape, got {ct.shape} and {labels.shape}")
+    ct, spacing = to_lps(ct, affine)
+    labels, _ = to_lps(labels, affine)
+    centre = _centre(labels)
+    colours = label_colours(max(256, int(labels.max()) + 1))
+    sx, sy, sz = spacing
+    i, j, k = centre
+    planes = [  # (CT plane, label plane, row spacing, column spacing, name)
+        (ct[:, :, k].T, labels[:, :, k].T, sy, sx, f"axial (S index {k})"),
+        (ct[:, j, ::-1].T, labels[:, j, ::-1].T, sz, sx, f"coronal (P index {j})"),
+        (ct[i, :, ::-1].T, labels[i, :, ::-1].T, sz, sy, f"sagittal (L index {i})"),
+    ]
+    widths = [p[0].shape[1] * p[3] for p in planes]
+    heights = [p[0].shape[0] * p[2] for p in planes]
+    scale = 4.2 / max(heights)  # inches per mm: tallest plane 4.2 in
+    fig = plt.figure(figsize=(sum(widths) * scale + 3.2, max(heights) * scale + 0.9), dpi=110, facecolor="black")
+    grid = fig.add_gridspec(1, 4, width_ratios=[*widths, 3.2 / scale], wspace=0.04, left=0.01, right=0.99, top=0.88, bottom=0.02)
+    low, high = float(window[0]), float(window[1])
+    for column, (image, label, row_mm, col_mm, name) in enumerate(planes):
+        ax = fig.add_subplot(grid[0, column])
+        extent = (0, image.shape[1] * col_mm, image.shape[0] * row_mm, 0)
+        ax.imshow(image, cmap="gray", vmin=low, vmax=high, extent=extent, interpolation="bilinear")
+        rgba = np.zeros((*label.shape, 4))
+        rgba[..., :3] = colours[label]
+        rgba[..., 3] = np.where(label > 0, OVERLAY_ALPHA, 0.0)
+        ax.imshow(rgba, extent=extent, interpolation="nearest")
+        ax.set_title(name, color="white", fontsize=9)
+        ax.set_axis_off()
+    legend_ax = fig.add_subplot(grid[0, 3])
+    legend_ax.set_axis_off()
+    present, counts = np.unique(labels[labels > 0], return_counts=True)
+    largest = [int(label) for label in present[np.argsort(-counts)][:LEGEND_ENTRIES]]
+    names = class_names or {}
+    handles = [Patch(color=colours[label], label=f"{label} {names.get(label, '')}".strip()) for label in sorted(largest)]
+    if handles:
+        more = len(present) - len(largest)
+        legend = legend_ax.legend(
+            handles=handles, loc="upper left", fontsize=8, frameon=False, labelcolor="white",
+            title=f"{len(present)} labels" + (f" ({more} smaller not listed)" if more > 0 else ""),
+        )
+        legend.get_title().set_color("white")
+        legend.get_title().set_fontsize(8)
+    else:
+        legend_ax.text(0, 1, "no labels", color="white", va="top", fontsize=9)
+    fig.suptitle(
+        (title + "  |  " if title else "") + f"window {low:.0f}..{high:.0f} HU, planes through the labels' centre",
+        color="white", fontsize=10,
+    )
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
+    plt.close(fig)
+    return Path(path)
+
+
+def _centre(labels: np.ndarray) -> tuple[int, int, int]:
+    """Voxel index of the centre of mass of ``labels > 0``, or of the volume when nothing is labelled."""
+    foreground = np.nonzero(labels > 0)
+    if not foreground[0].size:
+        return tuple(int(n // 2) for n in labels.shape)
+    return tuple(int(round(float(axis.mean()))) for axis in foreground)
