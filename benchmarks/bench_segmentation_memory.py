@@ -11,7 +11,7 @@ its "Maximum resident set size". Cases (118 output classes everywhere):
   shipped weights and config (resampled to the network's 3 mm first), once as shipped and once without the
   foreground crop (the buffer then spans the whole 768 mm field of view: a worst case);
 - the same CT at the CT-FM recipe's 1.5 mm geometry without resampling (``init_filters`` 8 random weights,
-  ``roi_size`` 64x160x160 and float16 buffer as ``inference_ctfm_whole_body.json``, no crop, overlap 0.25 to keep the run short);
+  ``roi_size`` 32x160x160 and float16 buffer as ``inference_ctfm_whole_body.json``, no crop, overlap 0.25 to keep the run short);
 - MONAI's ``SlidingWindowInferer`` (a full ``(118, S, P, L)`` float32 score volume, then argmax) on the cases
   where that volume fits: the comparison the label-map inferer is measured against.
 
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
         ]
         wide = random_weights(args.work / "random_init8.pt", 8)
         full_res = {"bundle_root": BUNDLE, "output_dir": out, "input_path": big, "checkpoint": wide, "spacing": "[1.5,1.5,1.5]",
-                    "roi_size": "[64,160,160]", "buffer_dtype": "float16", "overlap": 0.25, "crop_foreground": False,
+                    "roi_size": "[32,160,160]", "buffer_dtype": "float16", "overlap": 0.25, "crop_foreground": False,
                     "write_preview": False}
         results.append(
             measure("synthetic 512x512x400 @ 1.5 mm, CT-FM geometry, label-map inferer", [INFERENCE], full_res,

@@ -24,6 +24,7 @@ from ctfm.export import (
     _nvidia_driver_present,
     check_onnx,
     export_onnx,
+    onnx_runtime_network,
     quantize_onnx,
     smooth_random_patches,
     trt_compile_encoder,
@@ -153,6 +154,37 @@ def test_tensorrt_fallback_names_the_missing_package(small_encoder, tmp_path, ca
     with caplog.at_level(logging.WARNING, logger="ctfm.export"):
         assert trt_compile_encoder(small_encoder, tmp_path) is small_encoder
     assert "no tensorrt package" in caplog.text
+
+
+def test_tensorrt_engine_sits_in_engine_dir_and_follows_the_weights(small_encoder, tmp_path, monkeypatch):
+    calls = []
+
+    def record(model, base_path, args, logger):
+        calls.append((base_path, args))
+        return model
+
+    monkeypatch.setattr("ctfm.export._tensorrt_missing", lambda: [])  # as on a machine with everything
+    monkeypatch.setattr("monai.networks.trt_compile", record)
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    assert trt_compile_encoder(small_encoder, tmp_path / "engines", weights=weights) is small_encoder
+    ((base_path, args),) = calls
+    assert base_path == str(tmp_path / "engines" / "ctfmencoder_fp16")  # MONAI appends ".plan"
+    assert args["precision"] == "fp16" and args["dynamic_batchsize"] == [1, 2, 4]
+    assert args["timestamp"] == int(weights.stat().st_mtime)  # a newer checkpoint rebuilds the engine
+
+
+def test_onnx_runtime_network_exports_once_per_patch_and_weights(small_encoder, tmp_path):
+    path = tmp_path / "encoder.onnx"
+    first = onnx_runtime_network(small_encoder, path, PATCH, providers=["CPUExecutionProvider"])
+    written = path.stat().st_mtime_ns
+    onnx_runtime_network(small_encoder, path, PATCH, providers=["CPUExecutionProvider"])
+    assert path.stat().st_mtime_ns == written  # reused
+    x = smooth_random_patches(2, 1, PATCH)
+    with torch.no_grad():
+        torch.testing.assert_close(first(x), small_encoder.embed(x), atol=ATOL, rtol=0)
+    other = onnx_runtime_network(small_encoder, path, (16, 32, 48), providers=["CPUExecutionProvider"])
+    assert _input_dims(path) == ["batch", 1, 16, 32, 48] and other(torch.rand(1, 1, 16, 32, 48)).shape == (1, 64)
 
 
 def test_smooth_random_patches_are_ct_like():
