@@ -4,7 +4,8 @@
   embedding ``(B, 512)``, the five dense feature maps, or a network's single output (``logits``).
 - :func:`check_onnx` runs the file in ONNX Runtime (CPU) next to PyTorch on fresh CT-like input.
 - :class:`OnnxRuntimeModule` makes a session callable like a torch module; :func:`ort_session` builds the
-  session with the best execution provider at hand (TensorRT, CUDA, then CPU) and logs any fall-back.
+  session with the best execution provider at hand (TensorRT, CUDA, then CPU) and logs any fall-back;
+  :func:`onnx_runtime_network` exports once per patch size and weights and returns such a module (bundles).
 - :func:`quantize_onnx` makes a static int8 QDQ copy of a graph, calibrated on a few patches.
 - :func:`trt_compile_encoder` swaps an encoder's forward for a TensorRT fp16 engine through MONAI's
   ``trt_compile``, or leaves it as PyTorch where CUDA or TensorRT is missing.
