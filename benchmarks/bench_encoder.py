@@ -162,7 +162,8 @@ def gpu_runs(encoder: CTFMEncoder, patch: tuple[int, ...], work: str) -> dict:
             return encoder.embed(x)
 
     runs = {"torch fp32": eager, "torch AMP fp16": amp}
-    runtime = OnnxRuntimeModule(export_onnx(encoder, Path(work) / f"encoder_gpu_{_name(patch)}.onnx", patch))
+    path = export_onnx(encoder, Path(work) / f"encoder_gpu_{_name(patch)}.onnx", patch)
+    runtime = OnnxRuntimeModule(path, providers=["CUDAExecutionProvider"])
     if runtime.providers[0] == "CUDAExecutionProvider":
         runs["ONNX Runtime CUDA fp32"] = lambda: runtime(x)
     compiled = trt_compile_encoder(copy.deepcopy(encoder), Path(work) / f"trt_{_name(patch)}")
