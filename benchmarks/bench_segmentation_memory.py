@@ -26,6 +26,7 @@ import json
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -88,8 +89,8 @@ def measure(name: str, configs: list[Path], overrides: dict, note: str) -> dict:
         "score_buffer": f"{buffer.group(1)} x ({buffer.group(2)}) {buffer.group(3)}" if buffer else "full volume (MONAI)",
         "note": note,
         "command": "/usr/bin/time -v python -m monai.bundle run --config_file "
-        + (config_file if len(configs) == 1 else f"\"{config_file}\"").replace(str(ROOT) + "/", "")
-        + " " + " ".join(a.replace(str(ROOT) + "/", "") for a in args),
+        + (config_file if len(configs) == 1 else f"'{config_file}'").replace(str(ROOT) + "/", "")
+        + " " + " ".join(shlex.quote(a.replace(str(ROOT) + "/", "")) for a in args),
     }
     print(f"[{name}] {result['wall_s']} s, peak RSS {result['peak_rss_gib']} GiB", flush=True)
     return result
@@ -123,13 +124,19 @@ def main(argv=None) -> int:
             measure("synthetic 512x512x400 @ 1.5 mm, MONAI SlidingWindowInferer", [INFERENCE, NAIVE],
                     {**shipped, "input_path": big}, "resampled to 3 mm, cropped to the body"),
         ]
+        results.append({
+            "case": "synthetic 512x512x400 @ 1.5 mm, MONAI SlidingWindowInferer, no crop",
+            "wall_s": None, "peak_rss_gib": None, "score_buffer": "full volume (MONAI)",
+            "note": f"not run: its float32 score volume alone is {NUM_CLASSES * 200 * 256 * 256 * 4 / 2**30:.1f} GiB at 3 mm",
+            "command": "",
+        })
         wide = random_weights(args.work / "random_init8.pt", 8)
         full_res = {"bundle_root": BUNDLE, "output_dir": out, "input_path": big, "checkpoint": wide, "spacing": "[1.5,1.5,1.5]",
                     "roi_size": "[32,160,160]", "buffer_dtype": "float16", "overlap": 0.25, "crop_foreground": False,
                     "write_preview": False}
         results.append(
             measure("synthetic 512x512x400 @ 1.5 mm, CT-FM geometry, label-map inferer", [INFERENCE], full_res,
-                    "no resampling, whole field of view, random init-8 weights")
+                    "no resampling, whole field of view, random init-8 weights (width 32 adds ~0.1 GiB per window)")
         )
         results.append({
             "case": "synthetic 512x512x400 @ 1.5 mm, CT-FM geometry, MONAI SlidingWindowInferer",

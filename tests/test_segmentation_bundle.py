@@ -28,11 +28,11 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY_TRAIN = {"init_filters": 4, "patch_size": "[16,64,64]", "num_workers": 0, "warmup_iterations": 0, "learning_rate": 0.003}
 
 
-def run_bundle(configs, check=True, runner=(sys.executable,), **overrides) -> subprocess.CompletedProcess:
+def run_bundle(configs, check=True, runner=(sys.executable,), cwd=None, **overrides) -> subprocess.CompletedProcess:
     config_file = str(CONFIGS / configs[0]) if len(configs) == 1 else json.dumps([str(CONFIGS / c) for c in configs])
     args = [f"--{k}={v}" for k, v in overrides.items()]
     cmd = [*runner, "-m", "monai.bundle", "run", "--config_file", config_file, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=cwd)
     if check:
         assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
@@ -53,7 +53,8 @@ def tiny_encoder(tmp_path_factory) -> Path:
 
 
 def test_inference_on_the_sample_ct_writes_label_map_and_preview(tmp_path):
-    run_bundle(["inference.json"], bundle_root=BUNDLE, output_dir=tmp_path)
+    """The README's first command, from the repository root with no --bundle_root: the shipped weights are found."""
+    run_bundle(["inference.json"], cwd=BUNDLE.parents[1], output_dir=tmp_path)
     source = nib.load(sample_path("example_ct.nii.gz"))
     out = nib.load(tmp_path / "example_ct_seg.nii.gz")
     assert out.shape == source.shape and np.allclose(out.affine, source.affine, atol=1e-4)

@@ -88,6 +88,20 @@ class CTFMSegResNetDS(SegResNetDS):
             logger.info("encoder initialised from %s", self.encoder_report.summary())
 
 
+def default_bundle_root(name: str = "ctfm_segmentation") -> str:
+    """``bundle_root`` for a config run without ``--bundle_root``.
+
+    ``"."`` when the working directory is the bundle (the model zoo's convention); otherwise this repository's
+    ``bundles/<name>`` when the package is installed from a clone (so ``python -m monai.bundle run --config_file
+    bundles/<name>/configs/inference.json`` works from the repository root); otherwise ``"."``. MONAI Label and
+    ``--bundle_root`` override it.
+    """
+    if (Path.cwd() / "configs" / "metadata.json").is_file():
+        return "."
+    clone = Path(__file__).resolve().parents[2] / "bundles" / name
+    return str(clone) if (clone / "configs" / "metadata.json").is_file() else "."
+
+
 def load_network(network: nn.Module, path: str | os.PathLike, sha256: str | None = None) -> nn.Module:
     """Load a whole network's weights (strict, any layout of :mod:`ctfm.checkpoint`) and return the network.
 

@@ -28,6 +28,8 @@ from monai.utils import ensure_tuple_rep
 logger = logging.getLogger("ctfm.sliding_window")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+#: Size cap of the float32 temporary that turns finished rows into labels, in bytes.
+FINALISE_BYTES = 128 * 2**20
 
 
 def label_dtype(num_classes: int) -> torch.dtype:
@@ -144,12 +146,15 @@ class LabelMapSlidingWindowInferer(Inferer):
         done = 0  # rows [0, done) are final
 
         def finalise(stop: int) -> None:
+            """Rows [done, stop) get their labels (scores / weight sum, argmax) and their slots are cleared."""
             nonlocal done
-            for row in range(done, stop):
-                slot = row % rows
-                labels[row] = torch.argmax(scores[:, slot].float() / weights[slot], dim=0).to(labels.dtype)
-                scores[:, slot] = 0
-                weights[slot] = 0
+            step = max(1, FINALISE_BYTES // (scores.shape[0] * math.prod(plane) * 4))  # rows per float32 temporary
+            for start in range(done, stop, step):
+                for ring, local in _ring_parts(start, min(step, stop - start), rows):
+                    block = scores[:, ring].float() / weights[ring]
+                    labels[start + local.start : start + local.stop] = torch.argmax(block, dim=0).to(labels.dtype)
+                    scores[:, ring] = 0
+                    weights[ring] = 0
             done = stop
 
         for first in range(0, len(windows), self.sw_batch_size):
