@@ -7,6 +7,7 @@ Where things are:
 - :mod:`ctfm.ct_io` -- reading NIfTI / NRRD / DICOM series with one-line errors for bad input.
 - :mod:`ctfm.transforms` -- CT-FM preprocessing as MONAI transforms.
 - :mod:`ctfm.export` -- ONNX / ONNX Runtime / TensorRT.
+- :mod:`ctfm.augment` -- segmentation training augmentations (contrast phases, short series).
 """
 
 from ctfm.errors import CTFMError, install_excepthook
