@@ -80,7 +80,8 @@ class DepthFoldedConv(nn.Module):
         padded = F.pad(x.reshape(-1, depth, channels, height, width), (0, 0, 0, 0, 0, 0, 1, 1))
         depth_out = depth // self.stride
         below, above = (
-            padded[:, k : k + self.stride * depth_out : self.stride].reshape(-1, channels, height, width) for k in (0, 2)
+            padded[:, k : k + self.stride * depth_out : self.stride].reshape(-1, channels, height, width)
+            for k in (0, 2)
         )
         # a stride-1 centre tap reads x itself: no copy, and ONNX Runtime keeps x in its blocked layout
         centre = x if self.stride == 1 else padded[:, 1 : 1 + self.stride * depth_out : self.stride].reshape(
@@ -237,7 +238,8 @@ def main(repeats: int = 3, threads: int = 2, shapes: Sequence[Sequence[int]] = (
                     "conv_share": sum(per_op.get(op, 0.0) for op in CONV_OPS),
                     "operators": per_op,
                 })
-                print(f"{rows[-1]['patch']:>10s} {name:44s} {seconds:7.3f} s {rows[-1]['percent_of_peak']:5.1f}% of peak")
+                percent = rows[-1]["percent_of_peak"]
+                print(f"{rows[-1]['patch']:>10s} {name:44s} {seconds:7.3f} s {percent:5.1f}% of peak", flush=True)
     report = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "threads": threads,
               "repeats": repeats, "init_filters": init_filters, "machine": machine_info(), "peak": peak, "rows": rows}
     lines = [
@@ -248,7 +250,8 @@ def main(repeats: int = 3, threads: int = 2, shapes: Sequence[Sequence[int]] = (
         f"{report['machine']['onnxruntime']}. fp32 peak {peak['fp32_gflops']:.0f} GFLOP/s (torch matmul), ONNX "
         f"Runtime's own MatMul {peak['ort_matmul_gflops']:.0f} GFLOP/s.",
         "",
-        "| patch | graph | seconds | % of peak | max abs diff to torch | convolution seconds (profiler) | other operators (profiler, s) |",
+        "| patch | graph | seconds | % of peak | max abs diff to torch | convolution seconds (profiler) "
+        "| other operators (profiler, s) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:

@@ -152,7 +152,9 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.nn.functional.cosine_similarity(a.float().cpu(), b.float().cpu()).min())
 
 
-def call_with_memory(run: Callable[[], torch.Tensor], device: str, measure: bool = True) -> tuple[torch.Tensor, int | None]:
+def call_with_memory(
+    run: Callable[[], torch.Tensor], device: str, measure: bool = True
+) -> tuple[torch.Tensor, int | None]:
     """``run()``'s output and the bytes it added at its peak: host RSS above the RSS before it (Linux:
     ``VmHWM`` after resetting it through ``/proc/self/clear_refs``), or torch's CUDA allocator peak above what
     it held before. ``None`` where the figure cannot be had or ``measure`` is false."""
@@ -254,7 +256,9 @@ def encoder_gpu_runs(encoder: CTFMEncoder, patch: tuple[int, ...], work: str) ->
     return runs
 
 
-def segmentation_run(work: str, name: str, overrides: dict, extra_config: str | None = None) -> Callable[[], torch.Tensor]:
+def segmentation_run(
+    work: str, name: str, overrides: dict, extra_config: str | None = None
+) -> Callable[[], torch.Tensor]:
     """A call that segments the sample CT with the ctfm_segmentation bundle's ``inference.json`` (plus
     ``extra_config`` and ``overrides``) and returns the written label map ``(X, Y, Z)``."""
     out_dir = Path(work) / name.replace(" ", "_")
@@ -428,7 +432,8 @@ def markdown(report: dict) -> str:
         )
     lines += [
         "",
-        "| device | backend | patch | seconds | GFLOP/s | % of peak | speed-up | max abs diff | cosine | working memory (MiB) |",
+        "| device | backend | patch | seconds | GFLOP/s | % of peak | speed-up | max abs diff | cosine "
+        "| working memory (MiB) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [
@@ -531,7 +536,10 @@ def main(
         for patch in (tuple(int(s) for s in shape) for shape in shapes):
             work[_name(patch)] = count_work(init_filters, patch)
             for device in devices:
-                runs = encoder_cpu_runs(encoder, patch, threads, tmp) if device == "cpu" else encoder_gpu_runs(encoder, patch, tmp)
+                if device == "cpu":
+                    runs = encoder_cpu_runs(encoder, patch, threads, tmp)
+                else:
+                    runs = encoder_gpu_runs(encoder, patch, tmp)
                 for row in time_interleaved(runs, repeats, warmup, device):
                     encoder_timed.append(dict(row, device=device, patch=_name(patch)))
                     print(f"{device:4s} {row['backend']:36s} {_name(patch):>10s} {row['seconds']:8.3f} s", flush=True)
