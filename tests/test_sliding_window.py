@@ -39,6 +39,16 @@ def test_float32_labels_equal_argmax_of_monai(shape, roi, overlap):
     assert torch.equal(labels.long(), monai_labels(x, network, roi, overlap))
 
 
+@pytest.mark.parametrize("finalise_bytes", [1, 13 * 30 * 28 * 4 * 3])  # one row, three rows per temporary
+def test_labels_finalised_in_small_blocks_equal_argmax_of_monai(monkeypatch, finalise_bytes):
+    """Rows turned into labels a few at a time, across the ring buffer's wrap, give MONAI's labels."""
+    monkeypatch.setattr("ctfm.sliding_window.FINALISE_BYTES", finalise_bytes)
+    network = small_network()
+    x = torch.rand((1, 1, 40, 30, 28), generator=torch.Generator().manual_seed(2))
+    labels = LabelMapSlidingWindowInferer((16, 16, 16), overlap=0.5, sw_batch_size=2)(x, network)
+    assert torch.equal(labels.long(), monai_labels(x, network, (16, 16, 16), 0.5))
+
+
 def test_half_precision_buffer_differs_only_at_near_ties():
     network = small_network()
     x = torch.rand(1, 1, 40, 30, 28, generator=torch.Generator().manual_seed(2))
