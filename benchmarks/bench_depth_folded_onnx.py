@@ -91,12 +91,9 @@ class DepthFoldedConv(nn.Module):
 
 
 class DepthFoldedEncoder(nn.Module):
-    """:class:`CTFMEncoder` on depth-folded maps; ``forward`` takes and returns what the encoder's does (fp32).
+    """:class:`CTFMEncoder`'s pooled embedding on depth-folded maps: ``(B, C_in, D, H, W)`` -> ``(B, embedding_dim)``.
 
-    Input ``(B, C_in, D, H, W)`` with D, H, W divisible by 16; output the five feature maps
-    ``(B, init_filters * 2**i, D / 2**i, H / 2**i, W / 2**i)``. :meth:`embed` gives ``(B, embedding_dim)``.
-    The encoder's batch norms must be in eval mode or the fold is exact only up to their batch statistics,
-    which are the same voxels either way.
+    D, H, W divisible by 16. The fold is exact with the encoder's batch norms in eval mode (fp32 rounding aside).
     """
 
     def __init__(self, encoder: CTFMEncoder):
@@ -113,28 +110,17 @@ class DepthFoldedEncoder(nn.Module):
                 "downsample": DepthFoldedConv(down) if isinstance(down, nn.Conv3d) else nn.Identity(),
             }))
 
-    def folded_maps(self, x: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-        """Feature maps as ``((B*D_i, C_i, H_i, W_i), D_i)``, shallow to deep."""
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_spatial_size(x.shape[2:])
         channels, depth, height, width = (int(n) for n in x.shape[1:])  # static: only the batch axis may vary
         y = self.conv_init(x.transpose(1, 2).reshape(-1, channels, height, width), depth)
-        maps = []
         for level in self.levels:
             for block in level["blocks"]:
                 y = block(y, depth)
-            maps.append((y, depth))
             if isinstance(level["downsample"], DepthFoldedConv):
                 y = level["downsample"](y, depth)
                 depth //= level["downsample"].stride
-        return maps
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        return [unfold(y, depth) for y, depth in self.folded_maps(x)]
-
-    def embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Global average of the deepest map, ``(B, embedding_dim)``."""
-        y, depth = self.folded_maps(x)[-1]
-        return unfold(y, depth).mean(dim=(2, 3, 4))
+        return y.reshape(-1, depth, *(int(n) for n in y.shape[1:])).mean(dim=(1, 3, 4))  # (B, D, C, H, W) -> (B, C)
 
 
 class _FoldedBlock(nn.Module):
@@ -159,23 +145,9 @@ def _batch_norm_2d(norm: nn.Module) -> nn.BatchNorm2d:
     return folded.train(norm.training)
 
 
-def unfold(y: torch.Tensor, depth: int) -> torch.Tensor:
-    """``(B*depth, C, H, W)`` -> ``(B, C, depth, H, W)``."""
-    return y.reshape(-1, depth, *(int(n) for n in y.shape[1:])).transpose(1, 2)
-
-
-class _Embedding(nn.Module):
-    def __init__(self, encoder: nn.Module):
-        super().__init__()
-        self.encoder = encoder
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.encoder.embed(x)
-
-
 def export_folded(encoder: CTFMEncoder, path: Path, x: torch.Tensor) -> Path:
     """The embedding graph of :class:`DepthFoldedEncoder` (fixed shape; batch 1 is all this benchmark runs)."""
-    torch.onnx.export(_Embedding(DepthFoldedEncoder(encoder)).eval(), x, str(path), input_names=["image"],
+    torch.onnx.export(DepthFoldedEncoder(encoder).eval(), x, str(path), input_names=["image"],
                       output_names=["embedding"], opset_version=17, dynamo=False)
     return path
 
