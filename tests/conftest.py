@@ -1,9 +1,16 @@
 """Shared fixtures: small encoders with non-trivial weights and BatchNorm statistics."""
 
+import onnxruntime as ort
 import pytest
 import torch
 
 from ctfm.encoder import CTFMEncoder
+
+#: The execution provider ``ctfm.export`` picks on a machine without a GPU: OpenVINO's in the onnxruntime-openvino
+#: build, the CPU provider in onnxruntime-gpu (what CI installs).
+BEST_CPU_PROVIDER = next(
+    p for p in ("OpenVINOExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
+)
 
 
 def randomise(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -16,7 +16,7 @@ from monai.transforms import Compose
 
 from monai.transforms import LoadImaged
 
-from ctfm.ct_io import CTInputError, LoadCTd, describe, read_ct
+from ctfm.ct_io import CTInputError, LoadCTd, ct_from_memory, describe, read_ct
 from ctfm.errors import CTFMError
 from ctfm.phantom import body_phantom, write_phantom_nifti
 from ctfm.sample_data import sample_path
@@ -96,6 +96,29 @@ def test_load_ctd_is_found_as_the_loader_by_monai_label():
     out = loader({"image": str(path)})
     assert out["image_meta_dict"]["filename_or_obj"] == str(path)
     assert tuple(out["image_meta_dict"]["spatial_shape"]) == (122, 101, 30)
+
+
+def test_load_ctd_takes_a_volume_already_in_memory_as_monai_deploy_hands_it():
+    """MONAI Deploy removes loaders named ``LoadImage*`` and passes an (X, Y, Z) MetaTensor."""
+    read = read_ct(sample_path("example_ct_sm.nii.gz"))
+    volume = MetaTensor(read[0].to(torch.int16), affine=read.affine, meta={"original_channel_dim": "no_channel"})
+    out = LoadCTd(keys="image")({"image": volume})["image"]
+    assert out.shape == read.shape and out.dtype == torch.float32
+    assert torch.equal(out.as_tensor(), read.as_tensor())
+    torch.testing.assert_close(out.affine, read.affine)
+    assert torch.equal(ct_from_memory(read).as_tensor(), read.as_tensor())  # already channel-first: unchanged
+    assert ct_from_memory(np.zeros((4, 5, 6), np.int16)).shape == (1, 4, 5, 6)
+
+
+@pytest.mark.parametrize("volume, problem", [
+    (np.zeros((4, 5)), "in-memory volume: 2-D array; expected one 3-D volume"),
+    (np.zeros((2, 4, 5, 6)), "in-memory volume: 2 values per voxel"),
+    (np.full((4, 5, 6), np.nan), "in-memory volume: image holds NaN or infinite values"),
+])
+def test_bad_volume_in_memory_is_one_line_ctinputerror(volume, problem):
+    with pytest.raises(CTInputError, match=problem) as error:
+        ct_from_memory(volume)
+    assert "\n" not in str(error.value)
 
 
 # ---- bad input: each builder makes a bad path under tmp_path and returns it with the expected problem ----

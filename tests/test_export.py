@@ -16,7 +16,7 @@ import pytest
 import torch
 from monai.networks.nets import SegResNetDS
 
-from conftest import randomise
+from conftest import BEST_CPU_PROVIDER, randomise
 from ctfm.errors import CTFMError
 from ctfm.export import (
     INPUT_NAME,
@@ -43,6 +43,19 @@ def _input_dims(path):
 @pytest.fixture
 def embedding_onnx(small_encoder, tmp_path):
     return export_onnx(small_encoder, tmp_path / "encoder.onnx", PATCH, output="embedding")
+
+
+@pytest.mark.skipif(
+    BEST_CPU_PROVIDER != "OpenVINOExecutionProvider",
+    reason="OpenVINO's execution provider is in the onnxruntime-openvino build only",
+)
+def test_openvino_provider_matches_torch_in_fp32(small_encoder, embedding_onnx):
+    runtime = OnnxRuntimeModule(embedding_onnx, threads=1)  # the default order: OpenVINO before the CPU provider
+    assert runtime.providers[0] == "OpenVINOExecutionProvider"
+    for batch_size in (1, 2):
+        x = smooth_random_patches(batch_size, 1, PATCH, seed=batch_size)
+        with torch.no_grad():
+            torch.testing.assert_close(runtime(x), small_encoder.embed(x), atol=ATOL, rtol=0)
 
 
 def test_embedding_export_has_dynamic_batch_and_matches_torch(small_encoder, embedding_onnx):
@@ -113,11 +126,11 @@ def test_provider_fallback_on_a_cpu_machine(embedding_onnx, caplog):
     with caplog.at_level(logging.INFO, logger="ctfm.export"):
         default = OnnxRuntimeModule(embedding_onnx, threads=1)
         asked = OnnxRuntimeModule(embedding_onnx, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert default.providers == asked.providers == ["CPUExecutionProvider"]
+    assert default.providers[0] == BEST_CPU_PROVIDER and asked.providers == ["CPUExecutionProvider"]
     levels = {r.levelno for r in caplog.records if "CUDAExecutionProvider" in r.getMessage()}
     assert levels == {logging.INFO, logging.WARNING}  # narrowing the default list is info; a named provider, a warning
     x = torch.rand(2, 1, *PATCH)
-    torch.testing.assert_close(default(x), asked(x))
+    torch.testing.assert_close(default(x), asked(x), atol=ATOL, rtol=0)
 
 
 def test_int8_quantization_keeps_the_embedding(small_encoder, embedding_onnx, tmp_path):

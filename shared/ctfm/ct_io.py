@@ -82,9 +82,38 @@ def read_ct(path: str | os.PathLike) -> MetaTensor:
     return image
 
 
-class LoadCTd(LoadImaged):
-    """``LoadImaged`` for CTs: replace each path under ``keys`` by :func:`read_ct`'s ``(1, X, Y, Z)`` HU MetaTensor.
+def ct_from_memory(volume: np.ndarray | torch.Tensor) -> MetaTensor:
+    """A CT volume that the caller has already read, checked and shaped as :func:`read_ct` returns one.
 
+    Args:
+        volume: HU voxels ``(X, Y, Z)``, or ``(1, X, Y, Z)`` with the channel first; a ``MetaTensor`` keeps its
+            affine (RAS, mm) and meta (MONAI Deploy's DICOM volumes are ``(X, Y, Z)`` with the series' affine).
+
+    Returns:
+        ``MetaTensor`` ``(1, X, Y, Z)`` float32.
+
+    Raises:
+        CTInputError: not one 3-D volume, implausible spacing, NaN or infinite values; the message names
+            ``meta["filename_or_obj"]`` or ``in-memory volume``.
+    """
+    image = volume if isinstance(volume, MetaTensor) else MetaTensor(torch.as_tensor(volume))
+    image = image.float()
+    name = image.meta.get(ImageMetaKey.FILENAME_OR_OBJ, "in-memory volume")
+    if image.ndim not in (3, 4):
+        raise CTInputError(f"{name}: {image.ndim}-D array; expected one 3-D volume (X, Y, Z) or (1, X, Y, Z)")
+    image = EnsureChannelFirst(channel_dim="no_channel" if image.ndim == 3 else 0)(image)
+    _check_geometry(name, image)
+    if not bool(torch.isfinite(image).all()):
+        raise CTInputError(f"{name}: image holds NaN or infinite values")
+    return image
+
+
+class LoadCTd(LoadImaged):
+    """``LoadImaged`` for CTs: replace each path under ``keys`` by :func:`read_ct`'s ``(1, X, Y, Z)`` HU MetaTensor,
+    and a volume already in memory by :func:`ct_from_memory`'s.
+
+    MONAI Deploy's ``MonaiBundleInferenceOperator`` hands the bundle's ``preprocessing`` a volume, not a path,
+    after removing transforms whose class name contains ``LoadImage``; this one stays and takes the volume.
     Metadata travels on the MetaTensor; ``meta["filename_or_obj"]`` is the path. It subclasses ``LoadImaged`` so
     that tools which look for the loader by type find it: MONAI Label sets ``_loader.image_only = False`` on it
     (then ``<key>_meta_dict`` entries are added too) and wraps it for in-memory inputs. MONAI's readers are not
@@ -100,7 +129,7 @@ class LoadCTd(LoadImaged):
     def __call__(self, data: Mapping[Hashable, str | os.PathLike], reader=None) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
-            d[key] = read_ct(d[key])
+            d[key] = read_ct(d[key]) if isinstance(d[key], (str, os.PathLike)) else ct_from_memory(d[key])
             if not self._loader.image_only:
                 d[f"{key}_{self.meta_key_postfix}"] = dict(d[key].meta)
         return d

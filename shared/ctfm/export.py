@@ -4,7 +4,7 @@
   embedding ``(B, 512)``, the five dense feature maps, or a network's single output (``logits``).
 - :func:`check_onnx` runs the file in ONNX Runtime (CPU) next to PyTorch on fresh CT-like input.
 - :class:`OnnxRuntimeModule` makes a session callable like a torch module; :func:`ort_session` builds the
-  session with the best execution provider at hand (TensorRT, CUDA, then CPU) and logs any fall-back;
+  session with the best execution provider at hand (TensorRT, CUDA, OpenVINO, then CPU) and logs any fall-back;
   :func:`onnx_runtime_network` exports once per patch size and weights and returns such a module (bundles).
 - :func:`quantize_onnx` makes a static int8 QDQ copy of a graph, calibrated on a few patches.
 - :func:`trt_compile_encoder` swaps an encoder's forward for a TensorRT fp16 engine through MONAI's
@@ -51,8 +51,11 @@ logger = logging.getLogger("ctfm.export")
 
 INPUT_NAME = "image"
 OUTPUT_KINDS = ("embedding", "features", "logits")
-#: Execution providers in order of preference; :func:`ort_session` keeps those that can run here.
-PREFERRED_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+#: Execution providers in order of preference; :func:`ort_session` keeps those that can run here. OpenVINO's is
+#: in the ``onnxruntime-openvino`` build only (which replaces ``onnxruntime-gpu``; one build per environment).
+PREFERRED_PROVIDERS = (
+    "TensorrtExecutionProvider", "CUDAExecutionProvider", "OpenVINOExecutionProvider", "CPUExecutionProvider"
+)
 _GPU_PROVIDERS = PREFERRED_PROVIDERS[:2]
 #: Relative parity (max abs error over the reference's largest magnitude) that ``--check`` accepts for fp32.
 FP32_RELATIVE_TOLERANCE = 1e-4
@@ -163,9 +166,11 @@ def ort_session(
     Args:
         path: an ``.onnx`` file.
         providers: execution providers in order of preference; default :data:`PREFERRED_PROVIDERS`
-            (TensorRT, CUDA, CPU). Those this onnxruntime build lacks, and the GPU ones where no NVIDIA driver
-            is installed, are dropped; ONNX Runtime itself drops those that fail to start.
-        threads: intra-op threads for the CPU provider; ``None`` lets ONNX Runtime use one per physical core.
+            (TensorRT, CUDA, OpenVINO, CPU). Those this onnxruntime build lacks, and the GPU ones where no NVIDIA
+            driver is installed, are dropped; ONNX Runtime itself drops those that fail to start. OpenVINO runs
+            on its CPU device in fp32 (:func:`provider_options`).
+        threads: CPU threads (the CPU provider's intra-op threads, OpenVINO's ``num_of_threads``); ``None`` lets
+            each use one per physical core.
 
     A provider that was asked for by name and is not in use is logged as a warning on ``ctfm.export``; the
     default list narrowing to what the machine has is logged at info level.
@@ -181,13 +186,21 @@ def ort_session(
     options = ort.SessionOptions()
     if threads is not None:
         options.intra_op_num_threads = int(threads)
-    session = ort.InferenceSession(str(path), options, providers=usable)
+    session = ort.InferenceSession(str(path), options, providers=[(p, provider_options(p, threads)) for p in usable])
     in_use = session.get_providers()
     dropped = [p for p in wanted if p not in in_use]
     if dropped:
         log = logger.warning if providers else logger.info
         log("ONNX Runtime on %s for %s (unavailable here: %s)", in_use[0], Path(path).name, ", ".join(dropped))
     return session
+
+
+def provider_options(provider: str, threads: int | None = None) -> dict[str, str]:
+    """Options :func:`ort_session` gives ``provider``: OpenVINO gets its CPU device and fp32 arithmetic (named,
+    so that no OpenVINO release's default precision changes the outputs) and ``threads``; others get none."""
+    if provider != "OpenVINOExecutionProvider":
+        return {}
+    return {"device_type": "CPU", "precision": "FP32", **({"num_of_threads": str(threads)} if threads else {})}
 
 
 class OnnxRuntimeModule(nn.Module):
