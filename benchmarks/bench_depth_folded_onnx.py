@@ -19,7 +19,9 @@ the same run, depending on the run: this machine's measured peak itself moves be
 GFLOP/s), but its int8 QDQ copy runs at about 95 % of peak against about 155 % for the 3-D graph's (ONNX
 Runtime's int8 3-D convolution is im2col + int8 GEMM, which this CPU runs fast, while the folded graph adds
 quantize / dequantize around every shift), and its effect on the CUDA and TensorRT providers is unmeasured.
-Exporting it for fp32 CPU use only would need a second export path; see ``results/depth_folded_onnx_cpu.md``.
+Exporting it for fp32 CPU use only would need a second export path, and ONNX Runtime's OpenVINO provider runs
+the unchanged 3-D graph faster still (about 100 % of peak, ``results/inference_cpu_openvino.md``); see
+``results/depth_folded_onnx_cpu.md``.
 Tried and slower, so not measured here: stacking the three shifted slices as channels of one 3x3 convolution
 (the Concat costs more than the two extra convolution calls save).
 

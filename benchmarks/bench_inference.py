@@ -8,12 +8,13 @@ Measured, in order:
 2. the work: encoder FLOPs per patch (``torch.utils.flop_counter.FlopCounterMode`` on the meta device), bytes
    of weights and of all layer outputs;
 3. encoder embedding of one patch ``(1, 1, D, H, W)`` -> ``(1, 512)``: torch eager fp32, ONNX Runtime CPU fp32,
-   ONNX Runtime CPU int8 (static QDQ); on a GPU also torch fp32 (TF32 off), torch AMP fp16, ONNX Runtime CUDA
-   and TensorRT fp16. Random weights (seeded); speed does not depend on their values;
+   ONNX Runtime CPU int8 (static QDQ); with the ``onnxruntime-openvino`` build also its OpenVINO provider in
+   fp32; on a GPU also torch fp32 (TF32 off), torch AMP fp16, ONNX Runtime CUDA and TensorRT fp16. Random
+   weights (seeded); speed does not depend on their values;
 4. end-to-end segmentation of the sample CT (``example_ct.nii.gz``) with the ctfm_segmentation bundle's
    ``inference.json`` and its shipped weights (read, preprocess, sliding window, labels back on the input grid,
-   NIfTI + PNG written): torch eager and ``inference_onnx.json`` on the CPU; on a GPU also torch AMP,
-   ``inference_onnx.json`` on CUDA and ``inference_trt.json``;
+   NIfTI + PNG written): torch eager and ``inference_onnx.json`` on the CPU (and on OpenVINO where present);
+   on a GPU also torch AMP, ``inference_onnx.json`` on CUDA and ``inference_trt.json``;
 5. the accuracy cost of int8 on real CT: the shipped ctfm_pretrain encoder (width 8), calibrated on patches of
    ``example_ct.nii.gz``, compared with fp32 on patches of the ``example_ct_dicom`` series (another patient);
 6. the peak again, keeping the higher of the two figures.
@@ -25,8 +26,8 @@ more untimed calls; ``repeats`` rounds then time each backend once in turn (so a
 alike) and the median per backend is reported. Encoder rows report achieved GFLOP/s (fp32-equivalent FLOPs over
 seconds), percent of the device's measured fp32 peak, speed-up over torch eager on the same device, max abs
 difference and cosine similarity to torch fp32; segmentation rows the speed-up and the fraction of voxels whose
-label equals torch's. Results go to ``<out>/inference_cpu.{json,md}`` (``inference_gpu`` on a GPU machine),
-written atomically.
+label equals torch's. Results go to ``<out>/inference_cpu.{json,md}`` (``inference_gpu`` on a GPU machine,
+``inference_cpu_openvino`` with the OpenVINO build), written atomically.
 
     python benchmarks/bench_inference.py --repeats 5 --threads 2
 """
@@ -72,6 +73,8 @@ RESULTS = ROOT / "benchmarks" / "results"
 SEGMENTATION = ROOT / "bundles" / "ctfm_segmentation"
 PRETRAINED_ENCODER = ROOT / "bundles" / "ctfm_pretrain" / "models" / "encoder_hf"
 SAMPLE_CT = "example_ct.nii.gz"
+#: ONNX Runtime's OpenVINO execution provider (the onnxruntime-openvino build): timed where present.
+OPENVINO = "OpenVINOExecutionProvider"
 #: Backends whose memory lives outside torch's CUDA allocator: no working-memory figure on a GPU.
 _OWN_GPU_MEMORY = ("ONNX Runtime", "TensorRT")
 
@@ -219,11 +222,15 @@ def encoder_cpu_runs(encoder: CTFMEncoder, patch: tuple[int, ...], threads: int,
         with torch.inference_mode():
             return encoder.embed(x)
 
-    return {
+    runs = {
         "torch eager fp32": eager,
         "ONNX Runtime CPU fp32": lambda: fp32(x),
         "ONNX Runtime CPU int8 (static QDQ)": lambda: int8(x),
     }
+    if OPENVINO in ort.get_available_providers():
+        openvino = OnnxRuntimeModule(fp32_path, [OPENVINO], threads)
+        runs["ONNX Runtime OpenVINO fp32"] = lambda: openvino(x)
+    return runs
 
 
 def encoder_gpu_runs(encoder: CTFMEncoder, patch: tuple[int, ...], work: str) -> dict:
@@ -287,10 +294,14 @@ def segmentation_runs(device: str, threads: int, work: str) -> dict:
     if device == "cpu":
         onnx_cpu = {**on, "onnx_path": f"{work}/segmentation_cpu.onnx",
                     "network#providers": ["CPUExecutionProvider"], "network#threads": threads}
-        return {
+        runs = {
             "torch eager fp32": segmentation_run(work, "seg cpu torch", on),
             "ONNX Runtime CPU fp32": segmentation_run(work, "seg cpu ort", onnx_cpu, "inference_onnx.json"),
         }
+        if OPENVINO in ort.get_available_providers():
+            openvino = {**onnx_cpu, "onnx_path": f"{work}/segmentation_ov.onnx", "network#providers": [OPENVINO]}
+            runs["ONNX Runtime OpenVINO fp32"] = segmentation_run(work, "seg cpu ov", openvino, "inference_onnx.json")
+        return runs
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     onnx_cuda = {**on, "onnx_path": f"{work}/segmentation_cuda.onnx", "network#providers": ["CUDAExecutionProvider"]}
     return {
@@ -557,6 +568,7 @@ def main(
     capacity = (time.perf_counter() - start_wall) * os.cpu_count()
     machine["others_cpu_percent"] = 100 * max((end_all - start_all) - (end_mine - start_mine), 0) / capacity
     name = "inference_gpu" if len(devices) > 1 else "inference_cpu"
+    name += "_openvino" if OPENVINO in ort.get_available_providers() else ""
     report = {
         "name": name,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

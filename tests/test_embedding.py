@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
+from conftest import BEST_CPU_PROVIDER
 from ctfm.checkpoint import save_state_dict
 from ctfm.embedding import PatchEmbeddingInferer, pooled
 from ctfm.encoder import CTFMEncoder
@@ -55,7 +56,7 @@ def test_bundle_inference_with_the_wrong_width_fails_in_one_line(tmp_path):
 
 
 def test_onnx_runtime_and_tensorrt_overrides_match_torch(tmp_path, small_encoder):
-    """inference_onnx.json runs ONNX Runtime (CPU here); inference_trt.json falls back to PyTorch and says so."""
+    """inference_onnx.json runs ONNX Runtime; inference_trt.json falls back to PyTorch and says so."""
     save_state_dict(small_encoder, tmp_path / "encoder.pt")
     outputs = {}
     for name in ("", "_onnx", "_trt"):
@@ -66,7 +67,7 @@ def test_onnx_runtime_and_tensorrt_overrides_match_torch(tmp_path, small_encoder
         assert proc.returncode == 0, proc.stderr[-2000:]
         outputs[name] = load_file(str(tmp_path / f"out{name}" / "example_ct_embedding.safetensors"))["patch_embeddings"]
         if name == "_onnx":
-            assert "ONNX Runtime on CPUExecutionProvider" in proc.stderr + proc.stdout
+            assert f"ONNX Runtime on {BEST_CPU_PROVIDER}" in proc.stderr + proc.stdout
             assert (tmp_path / "models" / "model_embedding.onnx").is_file()
         if name == "_trt":
             assert "runs as PyTorch" in proc.stderr + proc.stdout

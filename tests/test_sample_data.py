@@ -28,7 +28,7 @@ from ctfm.sample_data import (
 
 def test_installed_samples_match_sha256sums():
     listed = (sample_dir() / "SHA256SUMS").read_text().splitlines()
-    assert verify() == len(listed) == 144  # 4 NIfTI + 20 DICOM + 117 masks + licence, classes, SOURCE.md
+    assert verify() == len(listed) == 145  # 5 NIfTI + 20 DICOM + 117 masks + licence, classes, SOURCE.md
     assert all(line.split("  ")[1] != "SHA256SUMS" for line in listed)
 
 
@@ -79,6 +79,16 @@ def test_example_ct_sm_is_slices_82_to_112_with_the_uncropped_affine():
     assert nib.load(sample_path("example_seg.nii.gz")).shape == small.shape
 
 
+def test_force_split_labels_cover_the_whole_example_ct_and_match_the_crop_labels():
+    ct, labels = nib.load(sample_path("example_ct.nii.gz")), nib.load(sample_path("example_seg_fast_force_split.nii.gz"))
+    assert labels.shape == ct.shape
+    np.testing.assert_allclose(labels.affine, ct.affine)
+    full, crop = np.asarray(labels.dataobj), np.asarray(nib.load(sample_path("example_seg.nii.gz")).dataobj)
+    assert full[:, :, :82].any()  # labels beyond the 30 slices that example_seg covers
+    overlap = (full[:, :, 82:112] > 0) | (crop > 0)
+    assert (full[:, :, 82:112] == crop)[overlap].mean() > 0.9  # the fast model mostly agrees with the full one
+
+
 def test_dicom_segmentation_lines_up_only_in_a_common_orientation():
     ras = Orientation(axcodes="RAS", labels=(("L", "R"), ("P", "A"), ("I", "S")))
     ct, seg = read_ct(sample_path("example_ct_dicom")), read_ct(sample_path("example_seg_dicom.nii.gz"))
@@ -114,7 +124,8 @@ def fake_sdist(path, extra=()):
         add_file(tar, f"{root}/LICENSE", b"Apache License 2.0\n")
         add_file(tar, f"{root}/totalsegmentator/map_to_binary.py", CLASS_MAP_SOURCE.encode())
         add_file(tar, f"{root}/setup.py", b"# not wanted\n")
-        for name in ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_seg.nii.gz", "example_seg_dicom.nii.gz"):
+        for name in ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_seg.nii.gz",
+                     "example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz"):
             add_file(tar, f"{reference}/{name}", name.encode())
         add_file(tar, f"{reference}/example_mr_sm.nii.gz", b"not wanted")
         add_file(tar, f"{reference}/example_ct_dicom/CT.1", b"dicom 1")
@@ -132,7 +143,8 @@ def test_extract_samples_from_an_sdist(tmp_path):
     assert files == [
         "LICENSE.TotalSegmentator", "SHA256SUMS", "SOURCE.md",
         "example_ct.nii.gz", "example_ct_dicom/CT.1", "example_ct_dicom/CT.2", "example_ct_sm.nii.gz",
-        "example_seg.nii.gz", "example_seg_dicom.nii.gz", "example_seg_fast/liver.nii.gz", "totalseg_classes.json",
+        "example_seg.nii.gz", "example_seg_dicom.nii.gz", "example_seg_fast/liver.nii.gz",
+        "example_seg_fast_force_split.nii.gz", "totalseg_classes.json",
     ]  # fmt: skip
     assert (dest / "example_ct_dicom" / "CT.2").read_bytes() == b"dicom 2"
     assert (dest / "totalseg_classes.json").read_text().count(":") == 3

@@ -43,6 +43,10 @@ SAMPLES = {
     "example_seg.nii.gz": (
         "TotalSegmentator `total` prediction for example_ct_sm.nii.gz (same grid), uint8 ids of totalseg_classes.json"
     ),
+    "example_seg_fast_force_split.nii.gz": (
+        "TotalSegmentator `total --fast --force_split` prediction for the whole of example_ct.nii.gz (same grid, "
+        "all 112 slices), uint8 ids of totalseg_classes.json"
+    ),
     "example_seg_dicom.nii.gz": (
         "TotalSegmentator `total` prediction for example_ct_dicom, 512x512x20; its affine follows dcm2niix (LAS), "
         "so its y axis is flipped against ITK's (LPS) read of the series: compare the two in a common orientation"
