@@ -102,6 +102,9 @@ def export_onnx(
     with atomic_path(path) as tmp, _eval_mode(module), torch.no_grad(), warnings.catch_warnings():
         # the TorchScript exporter is chosen on purpose (see the module docstring); its deprecation notice is noise
         warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+        # shape checks (e.g. SegResNetDS.is_valid_shape) trace to constants: right, the spatial size is fixed here;
+        # a batch-size dependency would break the dynamic-batch parity tests instead
+        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(
             graph,
             (example,),
