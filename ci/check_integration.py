@@ -98,8 +98,8 @@ def run_monai_label(bundle: Path, ct: Path, output: Path, work: Path, port: int)
     shutil.copytree(sample_app, app)
     shutil.copytree(bundle, app / "model" / bundle.name, ignore=shutil.ignore_patterns("eval", "runs", "cache"))
     studies.mkdir()
-    shutil.copy(ct, studies / ct.name)
-    image_id = ct.name.split(".")[0]
+    image_id = "ct"  # MONAI Label's id of a study file is its name without the extension
+    shutil.copy(ct, studies / (image_id + (".nii.gz" if ct.name.endswith(".nii.gz") else ct.suffix)))
     server = subprocess.Popen(
         [sys.executable, __file__, "label-server", "--app", str(app), "--studies", str(studies),
          "--conf", "models", bundle.name, "--conf", "zoo_source", "local", "--conf", "sam2", "false",
@@ -224,6 +224,8 @@ def agreement(tool_labels: Path, bundle_labels: Path) -> tuple[float, int, int]:
 
 
 def check(tool: str, bundle: Path, ct: Path, min_agreement: float, port: int) -> int:
+    from ctfm.segmentation import WriteSegmentationd  # names monai.bundle run's output file
+
     names = {"label": "MONAI Label", "deploy": "MONAI Deploy"}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -238,7 +240,8 @@ def check(tool: str, bundle: Path, ct: Path, min_agreement: float, port: int) ->
                    "--bundle_root", str(bundle), "--input_path", str(ct), "--output_dir", str(work / "bundle_run"),
                    "--write_preview", "False"]
         subprocess.run(command, check=True)
-        fraction, voxels, structures = agreement(tool_out, work / "bundle_run" / f"{ct.name.split('.')[0]}_seg.nii.gz")
+        bundle_out = WriteSegmentationd(output_dir=work / "bundle_run").outputs_for(ct)["nifti"]
+        fraction, voxels, structures = agreement(tool_out, bundle_out)
     verdict = "PASS" if fraction >= min_agreement and structures > 0 else "FAIL"
     print(f"{verdict}: {names[tool]} and monai.bundle run give the same label for {100 * fraction:.4f}% of {voxels} "
           f"voxels, {structures} structures found ({bundle.name}, {ct}; needed {100 * min_agreement:.1f}%)")

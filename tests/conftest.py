@@ -5,11 +5,12 @@ import pytest
 import torch
 
 from ctfm.encoder import CTFMEncoder
+from ctfm.export import _GPU_PROVIDERS, PREFERRED_PROVIDERS
 
 #: The execution provider ``ctfm.export`` picks on a machine without a GPU: OpenVINO's in the onnxruntime-openvino
 #: build, the CPU provider in onnxruntime-gpu (what CI installs).
 BEST_CPU_PROVIDER = next(
-    p for p in ("OpenVINOExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()
+    p for p in PREFERRED_PROVIDERS if p not in _GPU_PROVIDERS and p in ort.get_available_providers()
 )
 
 

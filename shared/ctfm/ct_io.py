@@ -74,11 +74,9 @@ def read_ct(path: str | os.PathLike) -> MetaTensor:
 
     meta[ImageMetaKey.FILENAME_OR_OBJ] = str(path)
     image = EnsureChannelFirst()(MetaTensor(torch.as_tensor(np.asarray(array, dtype=np.float32)), meta=meta))
-    _check_geometry(path, image)
+    _check_volume(path, image)
     if path.name.endswith((".nii", ".nii.gz")):
-        _check_nifti_payload(path)
-    if not bool(torch.isfinite(image).all()):
-        raise CTInputError(f"{path}: image holds NaN or infinite values")
+        _check_nifti_payload(path)  # ITK's reader hides some damage that _check_volume cannot see
     return image
 
 
@@ -102,9 +100,7 @@ def ct_from_memory(volume: np.ndarray | torch.Tensor) -> MetaTensor:
     if image.ndim not in (3, 4):
         raise CTInputError(f"{name}: {image.ndim}-D array; expected one 3-D volume (X, Y, Z) or (1, X, Y, Z)")
     image = EnsureChannelFirst(channel_dim="no_channel" if image.ndim == 3 else 0)(image)
-    _check_geometry(name, image)
-    if not bool(torch.isfinite(image).all()):
-        raise CTInputError(f"{name}: image holds NaN or infinite values")
+    _check_volume(name, image)
     return image
 
 
@@ -172,7 +168,8 @@ def _check_modality(path: Path, dicom_file: str | os.PathLike) -> None:
         raise CTInputError(f"{path}: DICOM Modality is {modality!r}, not 'CT'")
 
 
-def _check_geometry(path: Path, image: MetaTensor) -> None:
+def _check_volume(path: Path | str, image: MetaTensor) -> None:
+    """One 3-D single-channel volume with plausible spacing and finite values, or a one-line CTInputError."""
     spatial = tuple(image.shape[1:])
     if image.shape[0] != 1:
         raise CTInputError(
@@ -187,6 +184,8 @@ def _check_geometry(path: Path, image: MetaTensor) -> None:
             f"{path}: implausible voxel spacing {'x'.join(f'{s:.4g}' for s in spacing)} mm "
             f"(expected {MIN_SPACING_MM} to {MAX_SPACING_MM} mm per axis)"
         )
+    if not bool(torch.isfinite(image).all()):
+        raise CTInputError(f"{path}: image holds NaN or infinite values")
 
 
 def _check_nifti_payload(path: Path) -> None:
