@@ -28,7 +28,7 @@ from ctfm.sample_data import (
 
 def test_installed_samples_match_sha256sums():
     listed = (sample_dir() / "SHA256SUMS").read_text().splitlines()
-    assert verify() == len(listed) == 145  # 5 NIfTI + 20 DICOM + 117 masks + licence, classes, SOURCE.md
+    assert verify() == len(listed) == 146  # 5 NIfTI + 20 DICOM + 117 masks + licence, classes, codes, SOURCE.md
     assert all(line.split("  ")[1] != "SHA256SUMS" for line in listed)
 
 
@@ -123,6 +123,7 @@ def fake_sdist(path, extra=()):
     with tarfile.open(path, "w:gz") as tar:
         add_file(tar, f"{root}/LICENSE", b"Apache License 2.0\n")
         add_file(tar, f"{root}/totalsegmentator/map_to_binary.py", CLASS_MAP_SOURCE.encode())
+        add_file(tar, f"{root}/totalsegmentator/resources/totalsegmentator_snomed_mapping.csv", b"Structure\nspleen\n")
         add_file(tar, f"{root}/setup.py", b"# not wanted\n")
         for name in ("example_ct.nii.gz", "example_ct_sm.nii.gz", "example_seg.nii.gz",
                      "example_seg_fast_force_split.nii.gz", "example_seg_dicom.nii.gz"):
@@ -144,7 +145,7 @@ def test_extract_samples_from_an_sdist(tmp_path):
         "LICENSE.TotalSegmentator", "SHA256SUMS", "SOURCE.md",
         "example_ct.nii.gz", "example_ct_dicom/CT.1", "example_ct_dicom/CT.2", "example_ct_sm.nii.gz",
         "example_seg.nii.gz", "example_seg_dicom.nii.gz", "example_seg_fast/liver.nii.gz",
-        "example_seg_fast_force_split.nii.gz", "totalseg_classes.json",
+        "example_seg_fast_force_split.nii.gz", "totalseg_classes.json", "totalsegmentator_snomed_mapping.csv",
     ]  # fmt: skip
     assert (dest / "example_ct_dicom" / "CT.2").read_bytes() == b"dicom 2"
     assert (dest / "totalseg_classes.json").read_text().count(":") == 3

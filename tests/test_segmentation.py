@@ -5,6 +5,7 @@ import json
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import nibabel as nib
 import numpy as np
 import pytest
@@ -18,7 +19,8 @@ from monai.transforms import Compose, LoadImaged
 from conftest import randomise
 from ctfm.checkpoint import CheckpointError, save_hf_folder, save_state_dict
 from ctfm.encoder import CTFM_BLOCKS_DOWN, CTFMEncoder, ContrastiveModel
-from ctfm.sample_data import sample_path
+from ctfm.errors import CTFMError
+from ctfm.sample_data import sample_path, totalseg_classes
 from ctfm.segmentation import (
     CTFMSegResNetDS,
     HideStringSiblingsd,
@@ -142,6 +144,29 @@ def test_report_writes_csv_json_prints_and_feeds_metadata(tmp_path, capsys):
     recorded = json.loads(metadata.read_text())["eval_metrics"]
     assert recorded["mean_dice"] == summary["mean_dice"] and recorded["per_class_dice"] == summary["per_class_dice"]
     assert f"Dice {summary['mean_dice']}" in printed
+
+
+def test_report_draws_reference_over_prediction_on_the_ct(tmp_path):
+    source = sample_path("example_ct_sm.nii.gz")
+    affine = torch.as_tensor(nib.load(source).affine)
+    reference = torch.as_tensor(np.asanyarray(nib.load(sample_path("example_seg.nii.gz")).dataobj).astype(np.int64))
+    pred = torch.where(reference == 5, 0, reference)  # the liver missed
+
+    def case(labels):
+        tensor = MetaTensor(labels[None].float(), affine=affine)
+        tensor.meta["filename_or_obj"] = str(source)
+        return tensor
+
+    report = SegmentationReport(tmp_path / "eval", totalseg_classes(), images=True)
+    report.add_case(case(pred), case(reference))
+    png = tmp_path / "eval" / "example_ct_sm_eval.png"
+    image = plt.imread(png)
+    assert image.shape[0] > 600 and image.shape[1] > 800  # two rows of three planes and a legend
+    assert report.summarise()["per_class_dice"]["liver"] == 0.0
+    off_grid = MetaTensor(reference[None, ::2].float(), affine=affine)
+    off_grid.meta["filename_or_obj"] = str(source)
+    with pytest.raises(CTFMError, match="example_ct_sm.nii.gz: the evaluated label maps are not on this CT"):
+        report.add_case(off_grid, off_grid)
 
 
 def test_writer_is_all_or_nothing(tmp_path, monkeypatch):

@@ -84,6 +84,7 @@ def test_evaluation_on_the_held_out_series_matches_metadata(tmp_path):
     metadata = json.loads((CONFIGS / "metadata.json").read_text())["eval_metrics"]
     assert metadata["mean_dice"] == summary["mean_dice"] and metadata["per_class_dice"] == summary["per_class_dice"]
     assert (tmp_path / "per_class_metrics.csv").read_text().splitlines()[-1].startswith("mean,")
+    assert (tmp_path / "example_ct_dicom_eval.png").stat().st_size > 10_000  # reference over prediction
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,9 @@ import torch
 from monai.transforms import LoadImage
 
 from ctfm.ct_io import read_ct
-from ctfm.dicom_seg import read_series_headers, write_dicom_seg
+from ctfm.dicom_seg import read_series_headers, segment_description, write_dicom_seg
 from ctfm.errors import CTFMError
-from ctfm.sample_data import sample_path, totalseg_classes
+from ctfm.sample_data import sample_path, totalseg_classes, totalseg_codes
 from ctfm.totalseg import AlignLabeld
 
 KEEP = (1, 5, 6, 52, 79)  # spleen, liver, stomach, aorta, spinal cord
@@ -34,6 +34,10 @@ def test_seg_reads_back_with_one_segment_per_label_and_the_right_pixels(tmp_path
     assert ds.Modality == "SEG" and len(ds.SegmentSequence) == len(KEEP)
     assert [s.SegmentLabel for s in ds.SegmentSequence] == [totalseg_classes()[k] for k in KEEP]
     assert [s.TrackingID.split()[0] for s in ds.SegmentSequence] == [str(k) for k in KEEP]
+    types = [(s.SegmentedPropertyTypeCodeSequence[0].CodeValue, s.SegmentedPropertyTypeCodeSequence[0].CodeMeaning)
+             for s in ds.SegmentSequence]  # fmt: skip
+    assert types[:2] == [("78961009", "Spleen"), ("10200004", "Liver")]  # SNOMED CT, as TotalSegmentator codes them
+    assert all(len(s.RecommendedDisplayCIELabValue) == 3 for s in ds.SegmentSequence)
     assert not list(tmp_path.glob(".*"))
 
     sources = read_series_headers(sample_path("example_ct_dicom"))
@@ -66,3 +70,25 @@ def test_label_map_not_on_the_series_grid_is_refused(tmp_path, series_and_labels
         write_dicom_seg(tmp_path / "seg.dcm", np.zeros_like(labels), image.affine.numpy(), sample_path("example_ct_dicom"), {})
     assert not list(tmp_path.iterdir())
     assert torch.is_tensor(image)
+
+
+def test_segment_coding_carries_laterality_regions_and_falls_back_for_other_names():
+    from highdicom.sr import CodedConcept
+
+    codes = totalseg_codes()
+    assert set(totalseg_classes().values()) <= set(codes)  # every output class has its coding
+
+    kidney = segment_description(1, "kidney_left", codes, algorithm_type="MANUAL")
+    kidney_type = kidney.SegmentedPropertyTypeCodeSequence[0]
+    assert (kidney_type.CodeValue, kidney_type.CodingSchemeDesignator) == ("64033007", "SCT")
+    modifier = CodedConcept.from_dataset(kidney_type.SegmentedPropertyTypeModifierCodeSequence[0])
+    assert (modifier.value, modifier.meaning) == ("7771000", "Left")
+
+    cyst = segment_description(2, "kidney_cyst_right", codes, algorithm_type="MANUAL")
+    region = cyst.AnatomicRegionSequence[0]
+    assert region.CodeMeaning == "Kidney" and region.AnatomicRegionModifierSequence[0].CodeMeaning == "Right"
+    assert cyst.SegmentedPropertyCategoryCodeSequence[0].CodeMeaning == "Morphologically Altered Structure"
+
+    tumour = segment_description(3, "pancreas tumour", codes, algorithm_type="MANUAL")
+    assert tumour.SegmentedPropertyTypeCodeSequence[0].CodeMeaning == "Anatomical Structure"
+    assert "RecommendedDisplayCIELabValue" not in tumour

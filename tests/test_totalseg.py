@@ -21,6 +21,7 @@ from ctfm.totalseg import (
     load_segmentation_data,
     merge_subject,
     sample_evaluation_data,
+    sample_training_data,
     select_subjects,
 )
 
@@ -162,3 +163,16 @@ def test_held_out_reference_lands_on_the_liver_of_the_dicom_series():
     assert liver.sum() > 50_000 and 60 < float(hu.mean()) < 120 and float(hu.std()) < 40
     unaligned = image[0][torch.as_tensor(np.asarray(label[0]) == 5)]  # same voxel indices, no alignment
     assert float(unaligned.std()) > 100  # the raw voxel order is not the image's
+
+
+def test_training_pair_is_the_whole_sample_ct_on_its_own_grid():
+    """The default training data: all 112 slices of example_ct with labels that pass the strict grid check."""
+    from ctfm.ct_io import read_ct
+
+    pair = sample_training_data()[0]
+    image = read_ct(pair["image"])
+    label = LoadImage(ensure_channel_first=True, image_only=True)(pair["label"])
+    aligned = AlignLabeld("label", mode="strict")({"image": image, "label": label})["label"]
+    assert aligned.shape == image.shape == (1, 122, 101, 112)
+    present = {int(v) for v in torch.unique(aligned.as_tensor())}
+    assert {1, 2, 3, 5} <= present and len(present) == 62  # spleen, kidneys, liver; 61 structures + background

@@ -1,9 +1,12 @@
 """DICOM SEG from a label map and the DICOM series it was computed from (highdicom, BINARY segmentation).
 
 One segment per label present (background excluded), numbered 1, 2, ... in label order; its SegmentLabel is
-the class name and its TrackingID ``"<label id> <class name>"`` keeps the network's label id. Every segment is
-coded as SNOMED CT "Anatomical Structure" (category and type): a structure-specific code per class is not
-part of this release.
+the class name and its TrackingID ``"<label id> <class name>"`` keeps the network's label id. Segments of
+TotalSegmentator structures are coded as TotalSegmentator codes them (``ctfm.sample_data.totalseg_codes``):
+SNOMED CT category and type, laterality as a type modifier (``kidney_left``: Kidney, Left), an anatomic region
+where the type alone is ambiguous (``liver_vessels``: Blood vessel in Liver), and its display colour, so
+viewers name and colour them; any other class name (an MSD task's labels) is coded SNOMED CT "Anatomical
+Structure".
 
 The label map must lie on the voxel grid of the series as ITK reads it (``ctfm.ct_io.read_ct``), i.e. the
 output of ``Invertd``. Each source slice is matched to its plane of the label map through its
@@ -27,6 +30,7 @@ from pydicom.uid import generate_uid
 
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
+from ctfm.sample_data import totalseg_codes
 
 logger = logging.getLogger("ctfm.dicom_seg")
 
@@ -87,12 +91,12 @@ def build_dicom_seg(
     algorithm = hd.AlgorithmIdentificationSequence(
         name=ALGORITHM_NAME, version=algorithm_version, family=codes.DCM.ArtificialIntelligence
     )
+    structure_codes = totalseg_codes()
     descriptions = [
-        hd.seg.SegmentDescription(
-            segment_number=number,
-            segment_label=class_names.get(label, f"label {label}")[:64],
-            segmented_property_category=codes.SCT.AnatomicalStructure,
-            segmented_property_type=codes.SCT.AnatomicalStructure,
+        segment_description(
+            number,
+            class_names.get(label, f"label {label}"),
+            structure_codes,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
             tracking_uid=generate_uid(entropy_srcs=[sources[0].SeriesInstanceUID, str(label)]),
@@ -115,6 +119,50 @@ def build_dicom_seg(
         device_serial_number="0",
         series_description=series_description,
     )
+
+
+def segment_description(number: int, name: str, structure_codes: Mapping[str, Mapping[str, str]], **kwargs):
+    """A ``highdicom.seg.SegmentDescription`` of structure ``name``, coded from its row of ``structure_codes``
+    (:func:`ctfm.sample_data.totalseg_codes`) or as SNOMED CT "Anatomical Structure" when it has none.
+    ``kwargs`` go to ``SegmentDescription`` (algorithm, tracking ids)."""
+    import highdicom as hd
+    from pydicom.sr.codedict import codes
+
+    row = structure_codes.get(name)
+    if row is None:
+        return hd.seg.SegmentDescription(
+            number, name[:64], codes.SCT.AnatomicalStructure, codes.SCT.AnatomicalStructure, **kwargs
+        )
+    region = _code(row, "AnatomicRegionSequence")
+    description = hd.seg.SegmentDescription(
+        number,
+        name[:64],
+        _code(row, "SegmentedPropertyCategoryCodeSequence"),
+        _code(row, "SegmentedPropertyTypeCodeSequence"),
+        anatomic_regions=[region] if region else None,
+        display_color=hd.color.CIELabColor.from_rgb(*(int(v) for v in row["DicomRGBColor"].split(","))),
+        **kwargs,
+    )
+    # modifiers (laterality) live inside the item they modify; highdicom has no argument for them
+    modifiers = {
+        "SegmentedPropertyTypeModifierCodeSequence": description.SegmentedPropertyTypeCodeSequence,
+        "AnatomicRegionModifierSequence": getattr(description, "AnatomicRegionSequence", None),
+    }
+    for sequence, parent in modifiers.items():
+        if modifier := _code(row, sequence):
+            setattr(parent[0], sequence, [modifier])
+    return description
+
+
+def _code(row: Mapping[str, str], sequence: str):
+    """The ``CodedConcept`` in ``row``'s columns ``<sequence>.{CodeValue, CodingSchemeDesignator, CodeMeaning}``,
+    or ``None`` when its value is empty."""
+    from highdicom.sr import CodedConcept
+
+    value = row.get(f"{sequence}.CodeValue", "").strip()
+    if not value:
+        return None
+    return CodedConcept(value, row[f"{sequence}.CodingSchemeDesignator"].strip(), row[f"{sequence}.CodeMeaning"].strip())
 
 
 def write_dicom_seg(path: str | os.PathLike, *args, **kwargs) -> Path:

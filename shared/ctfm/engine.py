@@ -94,15 +94,12 @@ class ResumeFromLatest:
         logger.info("resumed from %s at iteration %d", path, engine.state.iteration)
 
 
-class ExportEncoder:
-    """On completion, write the encoder as a plain state dict and as a Hugging Face model folder (rank 0).
+class SaveNetworkWeights:
+    """When the engine completes, write the network's plain state dict to ``path`` atomically (rank 0 only)."""
 
-    Writes ``<output_dir>/model.pt`` and ``<output_dir>/encoder_hf/{config.json, model.safetensors}``.
-    """
-
-    def __init__(self, encoder: CTFMEncoder, output_dir: str | os.PathLike):
-        self.encoder = encoder
-        self.output_dir = Path(output_dir)
+    def __init__(self, network: nn.Module, path: str | os.PathLike):
+        self.network = network
+        self.path = Path(path)
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.COMPLETED, self)
@@ -110,10 +107,26 @@ class ExportEncoder:
     def __call__(self, engine: Engine | None = None) -> None:
         if dist.is_initialized() and dist.get_rank() != 0:
             return
-        encoder = _unwrap(self.encoder)
-        save_state_dict(encoder, self.output_dir / "model.pt")
+        self.save(_unwrap(self.network))
+
+    def save(self, network: nn.Module) -> None:
+        save_state_dict(network, self.path)
+        logger.info("saved network weights to %s", self.path)
+
+
+class ExportEncoder(SaveNetworkWeights):
+    """On completion, write the encoder as a plain state dict and as a Hugging Face model folder (rank 0).
+
+    Writes ``<output_dir>/model.pt`` and ``<output_dir>/encoder_hf/{config.json, model.safetensors}``.
+    """
+
+    def __init__(self, encoder: CTFMEncoder, output_dir: str | os.PathLike):
+        super().__init__(encoder, Path(output_dir) / "model.pt")
+        self.output_dir = Path(output_dir)
+
+    def save(self, encoder: CTFMEncoder) -> None:
+        super().save(encoder)
         save_hf_folder(encoder, self.output_dir / "encoder_hf")
-        logger.info("exported encoder to %s", self.output_dir)
 
 
 def loss_of(output: dict | list[dict]) -> float:

@@ -1,10 +1,11 @@
-"""A PNG to check a segmentation at a glance: axial, coronal and sagittal planes with the labels overlaid.
+"""A PNG to check a segmentation at a glance: axial, coronal and sagittal planes with the labels overlaid, or
+a reference and a prediction in two rows over the same planes.
 
-The planes pass through the centre of mass of all labelled voxels (the volume centre when nothing is
-labelled). The CT is shown in a soft-tissue window (level 40 HU, width 400 HU) in radiological convention
-(patient's right on the viewer's left, anterior up in the axial plane, superior up elsewhere), at true aspect
-ratio from the voxel spacing. Every label id always gets the same colour; a legend names the largest
-structures in view.
+The planes pass through the centre of mass of all labelled voxels (of the reference when comparing; the volume
+centre when nothing is labelled). The CT is shown in a soft-tissue window (level 40 HU, width 400 HU) in
+radiological convention (patient's right on the viewer's left, anterior up in the axial plane, superior up
+elsewhere), at true aspect ratio from the voxel spacing. Every label id always gets the same colour; a legend
+names the largest structures in view.
 """
 
 from __future__ import annotations
@@ -71,6 +72,30 @@ def render_preview(
         title: heading, e.g. the input file's name.
         window: (low, high) HU mapped to black..white.
     """
+    return _render(ct, {"": labels}, affine, path, class_names, title, window)
+
+
+def render_comparison(
+    ct: np.ndarray,
+    reference: np.ndarray,
+    prediction: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    class_names: Mapping[int, str] | None = None,
+    title: str | None = None,
+    window: Sequence[float] = SOFT_TISSUE_WINDOW,
+) -> Path:
+    """Write a PNG of ``reference`` (top row) and ``prediction`` (bottom row) over ``ct``, atomically.
+
+    Both rows show the same three planes, through the centre of the reference's labels, and share one legend.
+    Arguments as :func:`render_preview`; ``reference`` and ``prediction`` are ``(X, Y, Z)`` label maps on the
+    CT's grid.
+    """
+    return _render(ct, {"reference": reference, "prediction": prediction}, affine, path, class_names, title, window)
+
+
+def _render(ct, rows: Mapping[str, np.ndarray], affine, path, class_names, title, window) -> Path:
+    """Rows of three planes (axial, coronal, sagittal), one row per label map in ``rows`` (name -> map)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -78,39 +103,48 @@ def render_preview(
     from matplotlib.patches import Patch
 
     ct = np.asarray(ct)
-    labels = np.asarray(labels)
-    if ct.shape != labels.shape or ct.ndim != 3:
-        raise ValueError(f"preview needs a CT and a label map of one 3-D shape, got {ct.shape} and {labels.shape}")
+    maps = {name: np.asarray(labels) for name, labels in rows.items()}
+    if ct.ndim != 3 or any(labels.shape != ct.shape for labels in maps.values()):
+        shapes = ", ".join(str(labels.shape) for labels in maps.values())
+        raise ValueError(f"preview needs a CT and label maps of one 3-D shape, got {ct.shape} and {shapes}")
     ct, spacing = to_lps(ct, affine)
-    labels, _ = to_lps(labels, affine)
-    centre = _centre(labels)
-    colours = label_colours(max(256, int(labels.max()) + 1))
+    maps = {name: to_lps(labels, affine)[0] for name, labels in maps.items()}
+    i, j, k = _centre(next(iter(maps.values())))
+    colours = label_colours(max(256, max(int(labels.max()) for labels in maps.values()) + 1))
     sx, sy, sz = spacing
-    i, j, k = centre
-    planes = [  # (CT plane, label plane, row spacing, column spacing, name)
-        (ct[:, :, k].T, labels[:, :, k].T, sy, sx, f"axial (S index {k})"),
-        (ct[:, j, ::-1].T, labels[:, j, ::-1].T, sz, sx, f"coronal (P index {j})"),
-        (ct[i, :, ::-1].T, labels[i, :, ::-1].T, sz, sy, f"sagittal (L index {i})"),
+    views = [  # (plane of a volume, row spacing, column spacing, name)
+        (lambda v: v[:, :, k].T, sy, sx, f"axial (S index {k})"),
+        (lambda v: v[:, j, ::-1].T, sz, sx, f"coronal (P index {j})"),
+        (lambda v: v[i, :, ::-1].T, sz, sy, f"sagittal (L index {i})"),
     ]
-    widths = [p[0].shape[1] * p[3] for p in planes]
-    heights = [p[0].shape[0] * p[2] for p in planes]
+    widths = [cut(ct).shape[1] * col_mm for cut, _, col_mm, _ in views]
+    heights = [cut(ct).shape[0] * row_mm for cut, row_mm, _, _ in views]
     scale = 4.2 / max(heights)  # inches per mm: tallest plane 4.2 in
-    fig = plt.figure(figsize=(sum(widths) * scale + 3.2, max(heights) * scale + 0.9), dpi=110, facecolor="black")
-    grid = fig.add_gridspec(1, 4, width_ratios=[*widths, 3.2 / scale], wspace=0.04, left=0.01, right=0.99, top=0.88, bottom=0.02)
+    n_rows = len(maps)
+    fig = plt.figure(
+        figsize=(sum(widths) * scale + 3.2, n_rows * (max(heights) * scale + 0.45) + 0.45), dpi=110, facecolor="black"
+    )
+    grid = fig.add_gridspec(
+        n_rows, 4, width_ratios=[*widths, 3.2 / scale], wspace=0.04, hspace=0.12, left=0.01, right=0.99,
+        top=1 - 0.9 / fig.get_figheight(), bottom=0.02,
+    )
     low, high = float(window[0]), float(window[1])
-    for column, (image, label, row_mm, col_mm, name) in enumerate(planes):
-        ax = fig.add_subplot(grid[0, column])
-        extent = (0, image.shape[1] * col_mm, image.shape[0] * row_mm, 0)
-        ax.imshow(image, cmap="gray", vmin=low, vmax=high, extent=extent, interpolation="bilinear")
-        rgba = np.zeros((*label.shape, 4))
-        rgba[..., :3] = colours[label]
-        rgba[..., 3] = np.where(label > 0, OVERLAY_ALPHA, 0.0)
-        ax.imshow(rgba, extent=extent, interpolation="nearest")
-        ax.set_title(name, color="white", fontsize=9)
-        ax.set_axis_off()
-    legend_ax = fig.add_subplot(grid[0, 3])
+    for row, (row_name, labels) in enumerate(maps.items()):
+        for column, (cut, row_mm, col_mm, view_name) in enumerate(views):
+            ax = fig.add_subplot(grid[row, column])
+            image, label = cut(ct), cut(labels)
+            extent = (0, image.shape[1] * col_mm, image.shape[0] * row_mm, 0)
+            ax.imshow(image, cmap="gray", vmin=low, vmax=high, extent=extent, interpolation="bilinear")
+            rgba = np.zeros((*label.shape, 4))
+            rgba[..., :3] = colours[label]
+            rgba[..., 3] = np.where(label > 0, OVERLAY_ALPHA, 0.0)
+            ax.imshow(rgba, extent=extent, interpolation="nearest")
+            ax.set_title(f"{row_name}: {view_name}" if row_name else view_name, color="white", fontsize=9)
+            ax.set_axis_off()
+    legend_ax = fig.add_subplot(grid[:, 3])
     legend_ax.set_axis_off()
-    present, counts = np.unique(labels[labels > 0], return_counts=True)
+    every = np.concatenate([labels[labels > 0] for labels in maps.values()])
+    present, counts = np.unique(every, return_counts=True)
     largest = [int(label) for label in present[np.argsort(-counts)][:LEGEND_ENTRIES]]
     names = class_names or {}
     handles = [Patch(color=colours[label], label=f"{label} {names.get(label, '')}".strip()) for label in sorted(largest)]
@@ -124,8 +158,9 @@ def render_preview(
         legend.get_title().set_fontsize(8)
     else:
         legend_ax.text(0, 1, "no labels", color="white", va="top", fontsize=9)
+    centre_of = "the reference's labels" if n_rows > 1 else "the labels"
     fig.suptitle(
-        (title + "  |  " if title else "") + f"window {low:.0f}..{high:.0f} HU, planes through the labels' centre",
+        (title + "  |  " if title else "") + f"window {low:.0f}..{high:.0f} HU, planes through the centre of {centre_of}",
         color="white", fontsize=10,
     )
     with atomic_path(path) as tmp:

@@ -2,7 +2,8 @@
 
 The folder ``ctfm/sample_data/`` holds files from ``tests/reference_files`` of the TotalSegmentator 2.18.0
 sdist on PyPI (Apache-2.0; its licence travels as ``LICENSE.TotalSegmentator``), the 117 ``total`` classes of
-TotalSegmentator v2 as ``totalseg_classes.json``, a ``SOURCE.md`` saying where each file came from and a
+TotalSegmentator v2 as ``totalseg_classes.json``, TotalSegmentator's SNOMED CT codes and display colours per
+structure (``totalsegmentator_snomed_mapping.csv``), a ``SOURCE.md`` saying where each file came from and a
 ``SHA256SUMS``. :func:`extract_samples` writes that folder from the sdist and :func:`fetch` downloads the sdist
 first, so the folder can always be re-created and checked::
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import csv
 import json
 import os
 import shutil
@@ -65,6 +67,9 @@ SAMPLES = {
 SAMPLE_FOLDERS = {"example_ct_dicom": "", "example_seg_fast": ".nii.gz"}
 LICENSE_NAME = "LICENSE.TotalSegmentator"
 CLASSES_NAME = "totalseg_classes.json"
+#: TotalSegmentator's DICOM SEG coding of each structure: SNOMED CT category, type (+ laterality modifier),
+#: anatomic region and RGB colour, one row per structure name. A copy of ``totalsegmentator/resources/<name>``.
+CODES_NAME = "totalsegmentator_snomed_mapping.csv"
 SUMS_NAME = "SHA256SUMS"
 SOURCE_NAME = "SOURCE.md"
 
@@ -93,6 +98,16 @@ def totalseg_classes() -> dict[int, str]:
     """TotalSegmentator v2 ``total`` classes: label id (1..117) -> structure name."""
     with open(sample_dir() / CLASSES_NAME) as f:
         return {int(label): name for label, name in json.load(f).items()}
+
+
+def totalseg_codes() -> dict[str, dict[str, str]]:
+    """TotalSegmentator's DICOM coding per structure name: the row of :data:`CODES_NAME` as ``{column: value}``.
+
+    Columns are DICOM attribute paths (``SegmentedPropertyTypeCodeSequence.CodeValue``, ...) and
+    ``DicomRGBColor`` (``"r,g,b"``, 0-255); empty strings where a structure has no such code.
+    """
+    with open(sample_dir() / CODES_NAME, newline="") as f:
+        return {row["Structure"]: row for row in csv.DictReader(f)}
 
 
 def verify(directory: str | os.PathLike | None = None) -> int:
@@ -153,9 +168,10 @@ def fetch(dest: str | os.PathLike, version: str = TOTALSEG_VERSION) -> Path:
 def extract_samples(sdist: str | os.PathLike, dest: str | os.PathLike, version: str = TOTALSEG_VERSION) -> Path:
     """Write the sample folder at ``dest`` from a TotalSegmentator sdist (``.tar.gz``), atomically.
 
-    Copies :data:`SAMPLES`, the licence and, parsed out of ``totalsegmentator/map_to_binary.py`` (never imported),
-    the ``total`` class map; then writes ``SOURCE.md`` and ``SHA256SUMS``. Only regular-file members are read,
-    each into a path this function builds; an archive with any absolute or ``..`` member name is refused.
+    Copies :data:`SAMPLES`, the licence, the structure codes (:data:`CODES_NAME`) and, parsed out of
+    ``totalsegmentator/map_to_binary.py`` (never imported), the ``total`` class map; then writes ``SOURCE.md``
+    and ``SHA256SUMS``. Only regular-file members are read, each into a path this function builds; an archive
+    with any absolute or ``..`` member name is refused.
 
     Raises:
         CTFMError: unsafe member names, a needed member missing or not a regular file.
@@ -208,7 +224,7 @@ def total_class_map(map_to_binary_source: str) -> dict[int, str]:
 def _wanted_members(member_names: Sequence[str], root: str) -> dict[str, str]:
     """Relative path in the sample folder -> member name in the sdist."""
     reference = f"{root}/tests/reference_files"
-    wanted = {LICENSE_NAME: f"{root}/LICENSE"}
+    wanted = {LICENSE_NAME: f"{root}/LICENSE", CODES_NAME: f"{root}/totalsegmentator/resources/{CODES_NAME}"}
     wanted.update({name: f"{reference}/{name}" for name in SAMPLES if name not in SAMPLE_FOLDERS})
     for name in member_names:
         path = PurePosixPath(name)
@@ -227,6 +243,10 @@ def _source_markdown(version: str, sdist_sha256: str, root: str, n_classes: int)
     rows = [f"| `{name}{'/' if name in SAMPLE_FOLDERS else ''}` | `{root}/tests/reference_files/{name}` | {what} |"
             for name, what in SAMPLES.items()]
     rows.append(f"| `{LICENSE_NAME}` | `{root}/LICENSE` | TotalSegmentator's licence (Apache-2.0) |")
+    rows.append(
+        f"| `{CODES_NAME}` | `{root}/totalsegmentator/resources/{CODES_NAME}` | SNOMED CT codes and RGB display "
+        "colour per structure, as TotalSegmentator writes them into DICOM SEG |"
+    )
     rows.append(
         f"| `{CLASSES_NAME}` | parsed from `{root}/totalsegmentator/map_to_binary.py` | `class_map[\"total\"]`: "
         f"label id -> name for the {n_classes} TotalSegmentator v2 classes |"

@@ -24,7 +24,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
-import torch.distributed as dist
 from ignite.engine import Engine, Events
 from monai.config import KeysCollection
 from monai.metrics import DiceMetric, SurfaceDistanceMetric
@@ -33,7 +32,7 @@ from monai.transforms import Compose, InvertibleTransform, MapTransform
 from monai.utils import ImageMetaKey
 from torch import nn
 
-from ctfm.checkpoint import LoadReport, load_weights, save_state_dict
+from ctfm.checkpoint import LoadReport, load_weights
 from ctfm.encoder import CTFM_BLOCKS_DOWN, CTFM_INIT_FILTERS, CTFMEncoder
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
@@ -122,24 +121,6 @@ def labels_and_reference(output: Mapping) -> tuple[torch.Tensor, torch.Tensor]:
     pred = output["pred"]
     logits = pred[0] if isinstance(pred, (list, tuple)) else pred
     return logits.detach().argmax(dim=1, keepdim=True), output["label"]
-
-
-class SaveNetworkWeights:
-    """When the engine completes, write the network's plain state dict to ``path`` atomically (rank 0 only)."""
-
-    def __init__(self, network: nn.Module, path: str | os.PathLike):
-        self.network = network
-        self.path = Path(path)
-
-    def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.COMPLETED, self)
-
-    def __call__(self, engine: Engine | None = None) -> None:
-        if dist.is_initialized() and dist.get_rank() != 0:
-            return
-        network = self.network.module if isinstance(self.network, nn.parallel.DistributedDataParallel) else self.network
-        save_state_dict(network, self.path)
-        logger.info("saved network weights to %s", self.path)
 
 
 def inline_composes(transform: Callable) -> Compose:
@@ -299,12 +280,7 @@ class WriteSegmentationd(MapTransform):
     def outputs_for(self, source: str | os.PathLike) -> dict[str, Path]:
         """The files written for the input ``source``, by kind (``nifti``, ``png``, ``dicom_seg``)."""
         source = Path(source)
-        name = source.name
-        for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-            if name.lower().endswith(suffix):
-                name = name[: -len(suffix)]
-                break
-        stem = self.output_dir / f"{name}_{self.output_postfix}"
+        stem = self.output_dir / f"{input_stem(source)}_{self.output_postfix}"
         outputs = {"nifti": stem.with_name(stem.name + ".nii.gz")}
         if self.preview:
             outputs["png"] = stem.with_name(stem.name + ".png")
@@ -403,6 +379,8 @@ class SegmentationReport:
       none does), then the summary line ``mean, <N> classes present, ...``;
     - ``<output_dir>/per_case_metrics.csv``: one row per case and class present in reference or prediction;
     - ``<output_dir>/summary.json``: the means, the per-class Dice and the cases;
+    - with ``images``, ``<output_dir>/<case>_eval.png`` per case: the reference over the prediction on the CT
+      (read again from the case's file), three planes each (:func:`ctfm.preview.render_comparison`);
 
     and prints the per-class Dice of the classes present in the reference, then the summary line. The
     summary means are over the classes present in a reference (NaNs excluded, as MONAI reduces); a class the
@@ -417,12 +395,14 @@ class SegmentationReport:
         pred_key: str = "pred",
         label_key: str = "label",
         digits: int = 4,
+        images: bool = False,
     ):
         self.output_dir = Path(output_dir)
         self.class_names = {int(k): str(v) for k, v in class_names.items()}
         self.pred_key = pred_key
         self.label_key = label_key
         self.digits = digits
+        self.images = images
         self.rows: list[dict] = []
         self.summary: dict | None = None
 
@@ -455,6 +435,22 @@ class SegmentationReport:
                 "dice": dice,
                 "mean_surface_distance_mm": distance,
             })
+        if self.images:
+            self._write_image(case, pred_map.numpy(), ref_map.numpy(), np.asarray(label.affine, float))
+
+    def _write_image(self, case: str, pred: np.ndarray, reference: np.ndarray, affine: np.ndarray) -> None:
+        from ctfm.ct_io import read_ct
+        from ctfm.preview import render_comparison
+
+        ct = read_ct(case)
+        if tuple(ct.shape[1:]) != reference.shape or not np.allclose(ct.affine.numpy(), affine, atol=1e-3):
+            raise CTFMError(f"{case}: the evaluated label maps are not on this CT's voxel grid; cannot draw them")
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        path = self.output_dir / f"{input_stem(case)}_eval.png"
+        render_comparison(
+            ct[0].numpy(), reference.astype(np.int64), pred.astype(np.int64), affine, path, self.class_names,
+            title=f"{Path(case).name}: reference (top) and prediction (bottom)",
+        )
 
     def complete(self, engine: Engine | None = None) -> dict:
         """Write the CSVs and JSON, print the table; returns the summary."""
@@ -580,6 +576,15 @@ class _quiet_monai_warnings:
 
     def __exit__(self, *exc):
         return self._catch.__exit__(*exc)
+
+
+def input_stem(source: str | os.PathLike) -> str:
+    """The name of an input CT without its image extension (a DICOM series folder keeps its name)."""
+    name = Path(source).name
+    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
 
 
 def _source(image) -> str:

@@ -120,11 +120,17 @@ def load_segmentation_data(
 
 
 def sample_training_data() -> list[dict]:
-    """The shipped sample pair: ``example_ct_sm.nii.gz`` (slices 82:112 of ``example_ct.nii.gz``) and its
-    TotalSegmentator labels ``example_seg.nii.gz``, as a ``"nifti"`` layout list."""
+    """The shipped training pair: the whole ``example_ct.nii.gz`` (abdomen and pelvis, 112 slices of 3 mm) and
+    TotalSegmentator's labels for all of it, ``example_seg_fast_force_split.nii.gz`` (61 structures), as a
+    ``"nifti"`` layout list."""
     from ctfm.sample_data import sample_path
 
-    return [{"image": str(sample_path("example_ct_sm.nii.gz")), "label": str(sample_path("example_seg.nii.gz"))}]
+    return [
+        {
+            "image": str(sample_path("example_ct.nii.gz")),
+            "label": str(sample_path("example_seg_fast_force_split.nii.gz")),
+        }
+    ]
 
 
 def sample_evaluation_data() -> list[dict]:
