@@ -138,6 +138,14 @@ def test_report_writes_csv_json_prints_and_feeds_metadata(tmp_path, capsys):
     assert rows[0] == ["class_id", "class_name", "cases", "dice", "mean_surface_distance_mm"]
     assert [r[1] for r in rows[1:-1]] == ["spleen", "liver", "pancreas"] and rows[3][3] == ""
     assert rows[-1][0] == "mean" and float(rows[-1][3]) == summary["mean_dice"]
+    confusion = [(r["reference_name"], r["predicted_name"], int(r["voxels"]), float(r["fraction_of_reference"]))
+                 for r in csv.DictReader(open(tmp_path / "eval" / "confusion.csv"))]
+    assert confusion == [
+        ("background", "background", 10 * 10 * 6 - 48 - 27, 1.0),
+        ("spleen", "spleen", 27, 1.0),
+        ("liver", "background", 24, 0.5),
+        ("liver", "liver", 24, 0.5),
+    ]
     metadata = tmp_path / "metadata.json"
     metadata.write_text(json.dumps({"version": "0.1.0"}))
     record_eval_metrics(tmp_path / "eval" / "summary.json", metadata)

@@ -3,6 +3,7 @@
 Inference and evaluation use the shipped weights; training starts from a tiny pre-training export.
 """
 
+import csv
 import json
 import os
 import subprocess
@@ -85,6 +86,12 @@ def test_evaluation_on_the_held_out_series_matches_metadata(tmp_path):
     assert metadata["mean_dice"] == summary["mean_dice"] and metadata["per_class_dice"] == summary["per_class_dice"]
     assert (tmp_path / "per_class_metrics.csv").read_text().splitlines()[-1].startswith("mean,")
     assert (tmp_path / "example_ct_dicom_eval.png").stat().st_size > 10_000  # reference over prediction
+    confusion = list(csv.DictReader(open(tmp_path / "confusion.csv")))
+    for name in ("liver", "spleen"):  # the confusion counts give back the reported Dice
+        both = sum(int(r["voxels"]) for r in confusion if r["reference_name"] == r["predicted_name"] == name)
+        reference = sum(int(r["voxels"]) for r in confusion if r["reference_name"] == name)
+        predicted = sum(int(r["voxels"]) for r in confusion if r["predicted_name"] == name)
+        assert 2 * both / (reference + predicted) == pytest.approx(summary["per_class_dice"][name], abs=1e-4)
 
 
 @pytest.mark.parametrize(

@@ -378,6 +378,9 @@ class SegmentationReport:
       dice, mean_surface_distance_mm``; means over the cases whose reference holds the class, blank where
       none does), then the summary line ``mean, <N> classes present, ...``;
     - ``<output_dir>/per_case_metrics.csv``: one row per case and class present in reference or prediction;
+    - ``<output_dir>/confusion.csv``: where each reference class's voxels went, one row per case and (reference,
+      predicted) pair that occurs (``voxels`` and ``fraction_of_reference``), background included on both sides
+      (reference 0 rows are false positives; predicted 0 rows are misses), largest first within a class;
     - ``<output_dir>/summary.json``: the means, the per-class Dice and the cases;
     - with ``images``, ``<output_dir>/<case>_eval.png`` per case: the reference over the prediction on the CT
       (read again from the case's file), three planes each (:func:`ctfm.preview.render_comparison`);
@@ -404,12 +407,18 @@ class SegmentationReport:
         self.digits = digits
         self.images = images
         self.rows: list[dict] = []
+        self.confusion: list[dict] = []
         self.summary: dict | None = None
 
     def attach(self, engine: Engine) -> None:
-        engine.add_event_handler(Events.STARTED, lambda _: self.rows.clear())
+        engine.add_event_handler(Events.STARTED, lambda _: self.reset())
         engine.add_event_handler(Events.ITERATION_COMPLETED, self.update)
         engine.add_event_handler(Events.COMPLETED, self.complete)
+
+    def reset(self) -> None:
+        self.rows.clear()
+        self.confusion.clear()
+        self.summary = None
 
     def update(self, engine: Engine) -> None:
         output = engine.state.output
@@ -430,13 +439,34 @@ class SegmentationReport:
             self.rows.append({
                 "case": case,
                 "class_id": class_id,
-                "class_name": self.class_names.get(class_id, f"label {class_id}"),
+                "class_name": self._name(class_id),
                 "in_reference": bool((ref_map == class_id).any()),
                 "dice": dice,
                 "mean_surface_distance_mm": distance,
             })
+        self._add_confusion(case, pred_map.long(), ref_map.long())
         if self.images:
             self._write_image(case, pred_map.numpy(), ref_map.numpy(), np.asarray(label.affine, float))
+
+    def _add_confusion(self, case: str, pred: torch.Tensor, reference: torch.Tensor) -> None:
+        size = int(max(pred.max(), reference.max())) + 1
+        counts = torch.bincount((reference * size + pred).flatten(), minlength=size * size).reshape(size, size)
+        for ref_id in torch.nonzero(counts.sum(dim=1)).flatten().tolist():
+            row = counts[ref_id]
+            total = int(row.sum())
+            for pred_id in sorted(torch.nonzero(row).flatten().tolist(), key=lambda i: -int(row[i])):
+                self.confusion.append({
+                    "case": case,
+                    "reference_id": ref_id,
+                    "reference_name": self._name(ref_id),
+                    "predicted_id": pred_id,
+                    "predicted_name": self._name(pred_id),
+                    "voxels": int(row[pred_id]),
+                    "fraction_of_reference": int(row[pred_id]) / total,
+                })
+
+    def _name(self, class_id: int) -> str:
+        return "background" if class_id == 0 else self.class_names.get(class_id, f"label {class_id}")
 
     def _write_image(self, case: str, pred: np.ndarray, reference: np.ndarray, affine: np.ndarray) -> None:
         from ctfm.ct_io import read_ct
@@ -460,6 +490,8 @@ class SegmentationReport:
             tmp.write_text(self._per_class_csv())
         with atomic_path(self.output_dir / "per_case_metrics.csv") as tmp:
             tmp.write_text(self._per_case_csv())
+        with atomic_path(self.output_dir / "confusion.csv") as tmp:
+            tmp.write_text(self._confusion_csv())
         with atomic_path(self.output_dir / "summary.json") as tmp:
             tmp.write_text(json.dumps(self.summary, indent=2) + "\n")
         print(self.table(), flush=True)
@@ -504,7 +536,7 @@ class SegmentationReport:
             rows = [row for row in self.rows if row["class_id"] == class_id and row["in_reference"]]
             distances = [row["mean_surface_distance_mm"] for row in rows if not math.isnan(row["mean_surface_distance_mm"])]
             per_class[class_id] = {
-                "class_name": self.class_names.get(class_id, f"label {class_id}"),
+                "class_name": self._name(class_id),
                 "cases": len(rows),
                 "dice": float(np.mean([row["dice"] for row in rows])) if rows else math.nan,
                 "mean_surface_distance_mm": float(np.mean(distances)) if distances else math.nan,
@@ -528,6 +560,15 @@ class SegmentationReport:
         for row in self.rows:
             writer.writerow([row["case"], row["class_id"], row["class_name"], int(row["in_reference"]),
                              _cell(row["dice"], self.digits), _cell(row["mean_surface_distance_mm"], self.digits)])
+        return buffer.getvalue()
+
+    def _confusion_csv(self) -> str:
+        buffer = io.StringIO()
+        columns = ["case", "reference_id", "reference_name", "predicted_id", "predicted_name", "voxels", "fraction_of_reference"]
+        writer = csv.DictWriter(buffer, columns, lineterminator="\n")
+        writer.writeheader()
+        for row in self.confusion:
+            writer.writerow({**row, "fraction_of_reference": round(row["fraction_of_reference"], self.digits)})
         return buffer.getvalue()
 
 
