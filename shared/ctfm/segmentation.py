@@ -434,23 +434,23 @@ class SegmentationReport:
         spacing = np.linalg.norm(np.asarray(label.affine, float)[:3, :3], axis=0)
         case = _source(pred)
         pred_map, ref_map = pred[0].detach().cpu(), label[0].detach().cpu()
-        present = sorted((set(torch.unique(pred_map.long()).tolist()) | set(torch.unique(ref_map.long()).tolist())) - {0})
-        for class_id, (dice, distance) in class_metrics(pred_map, ref_map, present, spacing).items():
+        counts = confusion_counts(pred_map, ref_map)
+        voxels_in_reference, voxels_in_prediction = counts.sum(dim=1), counts.sum(dim=0)
+        present = torch.nonzero(voxels_in_reference + voxels_in_prediction).flatten().tolist()
+        for class_id, (dice, distance) in class_metrics(pred_map, ref_map, [c for c in present if c], spacing).items():
             self.rows.append({
                 "case": case,
                 "class_id": class_id,
                 "class_name": self._name(class_id),
-                "in_reference": bool((ref_map == class_id).any()),
+                "in_reference": bool(voxels_in_reference[class_id]),
                 "dice": dice,
                 "mean_surface_distance_mm": distance,
             })
-        self._add_confusion(case, pred_map.long(), ref_map.long())
+        self._add_confusion(case, counts)
         if self.images:
             self._write_image(case, pred_map.numpy(), ref_map.numpy(), np.asarray(label.affine, float))
 
-    def _add_confusion(self, case: str, pred: torch.Tensor, reference: torch.Tensor) -> None:
-        size = int(max(pred.max(), reference.max())) + 1
-        counts = torch.bincount((reference * size + pred).flatten(), minlength=size * size).reshape(size, size)
+    def _add_confusion(self, case: str, counts: torch.Tensor) -> None:
         for ref_id in torch.nonzero(counts.sum(dim=1)).flatten().tolist():
             row = counts[ref_id]
             total = int(row.sum())
@@ -570,6 +570,14 @@ class SegmentationReport:
         for row in self.confusion:
             writer.writerow({**row, "fraction_of_reference": round(row["fraction_of_reference"], self.digits)})
         return buffer.getvalue()
+
+
+def confusion_counts(pred: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Voxel counts ``(K, K)`` of every (reference id, predicted id) pair of two label maps of one shape;
+    ``K`` is one more than the largest id in either."""
+    pred, reference = pred.long().flatten(), reference.long().flatten()
+    size = int(max(pred.max(), reference.max())) + 1
+    return torch.bincount(reference * size + pred, minlength=size * size).reshape(size, size)
 
 
 def record_eval_metrics(summary_json: str | os.PathLike, metadata_json: str | os.PathLike, description: str = "") -> dict:
