@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test verify package
+.PHONY: setup demo test test-fast package
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,18 +15,25 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 setup: $(VENV)/.installed
 
-# On the shipped sample CT: a short pre-training run (checkpoints, TensorBoard, encoder export), then the shipped
-# encoder's patch embeddings with their PNG map. Outputs under runs/demo/.
+# On the shipped sample data: a short pre-training run (checkpoints, TensorBoard, encoder export), then every
+# bundle's inference on the sample CTs (the NIfTI CT and the DICOM series). Outputs under runs/demo/.
 demo: setup
 	$(PY) -m monai.bundle run --config_file bundles/ctfm_pretrain/configs/train.json \
-		--bundle_root runs/demo/pretrain --init_filters 8 --crop_size "[16,64,64]" --num_crops 4 \
-		--batch_size 1 --num_workers 0 --epoch_length 10 --max_epochs 2 --warmup_epochs 1 --checkpoint_interval 10
+		--bundle_root runs/demo/pretrain --num_crops 4 --num_workers 0 --epoch_length 10 --max_epochs 2 \
+		--warmup_iterations 10 --checkpoint_interval 10
 	$(PY) -c "from ctfm.checkpoint import load_encoder; print(load_encoder('runs/demo/pretrain/models/encoder_hf')[1].summary())"
-	$(PY) -m monai.bundle run --config_file bundles/ctfm_pretrain/configs/inference.json \
-		--bundle_root bundles/ctfm_pretrain --output_dir runs/demo/embeddings
+	$(PY) -m monai.bundle run --config_file bundles/ctfm_pretrain/configs/inference.json --output_dir runs/demo/embeddings
+	$(PY) -m monai.bundle run --config_file bundles/ctfm_segmentation/configs/inference.json --output_dir runs/demo/segmentation
+	@echo "demo outputs:"
+	@find runs/demo/pretrain/models/encoder_hf runs/demo/pretrain/runs runs/demo/embeddings runs/demo/segmentation -type f | sort
+
+# The fast tier (in-process, a few minutes) alone; `make test` (what CI runs) runs both tiers.
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow"
 
 test: setup
-	$(PY) ci/verify_bundle.py
+	$(PY) ci/verify_bundle.py --full
+	$(PY) ci/check_lighter_zoo.py
 	$(PY) -m pytest -q
 
 package: setup

@@ -44,7 +44,7 @@ from bench_inference import RESULTS, count_work, machine_info, measure_peak, med
 from monai.networks.nets.segresnet_ds import SegResBlock
 from torch import nn
 
-from ctfm.encoder import CTFMEncoder, check_spatial_size
+from ctfm.networks.encoder import CTFMEncoder, check_spatial_size
 from ctfm.export import export_onnx, quantize_onnx, smooth_random_patches
 from ctfm.files import atomic_path
 

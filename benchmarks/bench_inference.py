@@ -56,7 +56,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ctfm.checkpoint import load_encoder
 from ctfm.ct_io import read_ct
-from ctfm.encoder import CTFMEncoder
+from ctfm.networks.encoder import CTFMEncoder
 from ctfm.export import (
     OnnxRuntimeModule,
     export_onnx,
@@ -273,7 +273,7 @@ def segmentation_run(
     parser.read_config([str(SEGMENTATION / "configs" / c) for c in ("inference.json", extra_config) if c])
     parser.update({
         "bundle_root": str(SEGMENTATION),
-        "input_path": str(sample_path(SAMPLE_CT)),
+        "datalist": str(sample_path(SAMPLE_CT)),
         "output_dir": str(out_dir),
         "write_dicom_seg": False,
         **overrides,

@@ -39,6 +39,7 @@ def measure(overrides: dict, iterations: int, warmup: int) -> dict:
     parser.read_config(str(CONFIG))
     parser.update(overrides | {"epoch_length": iterations + warmup, "max_epochs": 1})
     parser["train#handlers"] = [h for h in parser["train#handlers"] if h["_target_"] in KEPT_HANDLERS]
+    parser["train#main_handlers"] = []
     parser.get_parsed_content("initialize")
     trainer = parser.get_parsed_content("train#trainer")
     marks: dict[str, list[float]] = {"wait": [], "step": []}

@@ -64,7 +64,7 @@ def random_weights(path: Path, init_filters: int) -> Path:
     import torch
 
     from ctfm.checkpoint import save_state_dict
-    from ctfm.segmentation import CTFMSegResNetDS
+    from ctfm.networks import CTFMSegResNetDS
 
     torch.manual_seed(0)
     return save_state_dict(CTFMSegResNetDS(init_filters=init_filters, out_channels=NUM_CLASSES), path)
@@ -109,20 +109,20 @@ def main(argv=None) -> int:
     sample = ROOT / "shared" / "ctfm" / "sample_data" / "example_ct.nii.gz"
     shipped = {"bundle_root": BUNDLE, "output_dir": out}
     results = [
-        measure("example_ct.nii.gz, label-map inferer (shipped config)", [INFERENCE], {**shipped, "input_path": sample},
+        measure("example_ct.nii.gz, label-map inferer (shipped config)", [INFERENCE], {**shipped, "datalist": sample},
                 "122x101x112 at 3 mm"),
-        measure("example_ct.nii.gz, MONAI SlidingWindowInferer", [INFERENCE, NAIVE], {**shipped, "input_path": sample},
+        measure("example_ct.nii.gz, MONAI SlidingWindowInferer", [INFERENCE, NAIVE], {**shipped, "datalist": sample},
                 "same windows, full score volume then argmax"),
     ]
     if not args.quick:
         big = synthetic_ct(args.work / "synthetic_512x512x400_1.5mm.nii.gz")
         results += [
             measure("synthetic 512x512x400 @ 1.5 mm, label-map inferer (shipped config)", [INFERENCE],
-                    {**shipped, "input_path": big}, "resampled to 3 mm, cropped to the body"),
+                    {**shipped, "datalist": big}, "resampled to 3 mm, cropped to the body"),
             measure("synthetic 512x512x400 @ 1.5 mm, label-map inferer, no crop", [INFERENCE],
-                    {**shipped, "input_path": big, "crop_foreground": False}, "resampled to 3 mm, whole 768 mm field of view"),
+                    {**shipped, "datalist": big, "crop_foreground": False}, "resampled to 3 mm, whole 768 mm field of view"),
             measure("synthetic 512x512x400 @ 1.5 mm, MONAI SlidingWindowInferer", [INFERENCE, NAIVE],
-                    {**shipped, "input_path": big}, "resampled to 3 mm, cropped to the body"),
+                    {**shipped, "datalist": big}, "resampled to 3 mm, cropped to the body"),
         ]
         results.append({
             "case": "synthetic 512x512x400 @ 1.5 mm, MONAI SlidingWindowInferer, no crop",
@@ -131,7 +131,7 @@ def main(argv=None) -> int:
             "command": "",
         })
         wide = random_weights(args.work / "random_init8.pt", 8)
-        full_res = {"bundle_root": BUNDLE, "output_dir": out, "input_path": big, "checkpoint": wide, "spacing": "[1.5,1.5,1.5]",
+        full_res = {"bundle_root": BUNDLE, "output_dir": out, "datalist": big, "ckpt_path": wide, "spacing": "[1.5,1.5,1.5]",
                     "roi_size": "[32,160,160]", "buffer_dtype": "float16", "overlap": 0.25, "crop_foreground": False,
                     "write_preview": False}
         results.append(

@@ -224,7 +224,7 @@ def agreement(tool_labels: Path, bundle_labels: Path) -> tuple[float, int, int]:
 
 
 def check(tool: str, bundle: Path, ct: Path, min_agreement: float, port: int) -> int:
-    from ctfm.segmentation import WriteSegmentationd  # names monai.bundle run's output file
+    from ctfm.segmentation.outputs import WriteSegmentationd  # names monai.bundle run's output file
 
     names = {"label": "MONAI Label", "deploy": "MONAI Deploy"}
     with tempfile.TemporaryDirectory() as tmp:

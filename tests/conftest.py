@@ -4,7 +4,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from ctfm.encoder import CTFMEncoder
+from ctfm.networks.encoder import CTFMEncoder
 from ctfm.export import _GPU_PROVIDERS, PREFERRED_PROVIDERS
 
 #: The execution provider ``ctfm.export`` picks on a machine without a GPU: OpenVINO's in the onnxruntime-openvino

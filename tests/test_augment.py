@@ -1,9 +1,9 @@
-"""Label-guided contrast and short-series augmentations (ctfm.augment)."""
+"""Label-guided contrast and short-series augmentations (ctfm.segmentation.augment)."""
 
 import pytest
 import torch
 
-from ctfm.augment import RandAxialSlabd, RandLabelContrastd
+from ctfm.segmentation.augment import RandAxialSlabd, RandLabelContrastd
 from ctfm.transforms import HU_MAX, HU_MIN
 
 HU_RANGE = HU_MAX - HU_MIN

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 
 from conftest import randomise
 from ctfm.checkpoint import CheckpointError, load_encoder, load_weights, save_hf_folder, save_state_dict
-from ctfm.encoder import CTFMEncoder, ProjectionHead
+from ctfm.networks import CTFMEncoder, ProjectionHead
 from ctfm.files import sha256sum
 
 ARGS = {"spatial_dims": 3, "in_channels": 1, "init_filters": 4, "blocks_down": (1, 2, 2, 4, 4)}
@@ -151,7 +151,7 @@ def test_hf_config_of_another_architecture(tmp_path, small_encoder):
     with pytest.raises(CheckpointError, match=r"config\.json: architecture differs.*in_channels=4"):
         load_weights(CTFMEncoder(init_filters=4), tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**small_encoder.config, "norm": "instance"}))
-    with pytest.raises(CheckpointError, match=r"config\.json: not a CT-FM encoder config .*norm"):
+    with pytest.raises(CheckpointError, match=r"config\.json: not a CT-FM encoder or SegResNetDS config .*norm"):
         load_encoder(tmp_path / "hf")
 
 

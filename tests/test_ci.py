@@ -1,6 +1,8 @@
 """The bundle checks in ci/ pass on the real bundles and catch what MONAI and the model zoo would reject."""
 
+import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -12,9 +14,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ci"))
 from check_integration import agreement, with_identifiers  # noqa: E402
-from package_bundle import package  # noqa: E402
-from verify_bundle import verify  # noqa: E402
+import verify_bundle  # noqa: E402
+from package_bundle import ZIP_DATE_TIME, package  # noqa: E402
+from verify_bundle import (  # noqa: E402
+    SCHEMAS,
+    check_large_files,
+    check_metadata,
+    monai_verify_metadata,
+    spatial_dims,
+    verify,
+)
 
+PRETRAIN_VERSION = json.loads((ROOT / "bundles" / "ctfm_pretrain" / "configs" / "metadata.json").read_text())["version"]
 BUNDLES = sorted(p for p in (ROOT / "bundles").iterdir() if (p / "configs" / "metadata.json").is_file())
 
 
@@ -72,7 +83,7 @@ def test_package_excludes_training_by_products(bundle_copy, tmp_path):
     (bundle_copy / "models" / "checkpoints").mkdir(parents=True, exist_ok=True)
     (bundle_copy / "models" / "checkpoints" / "checkpoint_iteration=1.pt").write_bytes(b"x")
     archive = package(bundle_copy, tmp_path / "dist")
-    assert archive.name == "ctfm_pretrain_v0.1.0.zip"
+    assert archive.name == f"ctfm_pretrain_v{PRETRAIN_VERSION}.zip"
     names = zipfile.ZipFile(archive).namelist()
     assert "ctfm_pretrain/configs/metadata.json" in names and "ctfm_pretrain/large_files.yml" in names
     assert not [n for n in names if "checkpoints" in n]
@@ -82,6 +93,176 @@ def test_cli_exits_non_zero_on_a_bad_bundle(bundle_copy):
     edit_metadata(bundle_copy, lambda m: m.update(version="9.9.9"))
     proc = subprocess.run([sys.executable, str(ROOT / "ci" / "verify_bundle.py"), str(bundle_copy)], capture_output=True, text=True)
     assert proc.returncode == 1 and "9.9.9" in proc.stderr
+
+
+# ---- the real metadata schema, offline
+
+
+def test_stored_schema_is_the_recorded_file():
+    (name, sha256), = SCHEMAS.items()
+    path = ROOT / "ci" / name
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == sha256
+    assert sha256 in (ROOT / "ci" / "SCHEMAS.md").read_text()
+    assert json.loads(path.read_text())["$schema"] == "https://json-schema.org/draft/2019-09/schema"
+    assert not (ROOT / "ci" / "meta_schema.json").exists()  # the hand-written approximation is gone
+
+
+def test_real_schema_violations_are_found(bundle_copy):
+    def change(meta):
+        del meta["copyright"]  # required by meta_schema_20240725
+        meta["references"] = "one string"  # the schema wants an array of strings
+        meta["network_data_format"]["inputs"]["image"]["num_channels"] = "one"
+
+    edit_metadata(bundle_copy, change)
+    problems = check_metadata(bundle_copy)
+    assert any("'copyright' is a required property" in p for p in problems)
+    assert any("$.references: 'one string' is not of type 'array'" in p for p in problems)
+    assert any("$.network_data_format.inputs.image" in p for p in problems)  # not a number/string/tensor (anyOf)
+    assert any("num_channels 'one' is not a positive int" in p for p in problems)
+
+
+def test_schema_url_must_name_a_stored_schema(bundle_copy):
+    edit_metadata(bundle_copy, lambda m: m.update(schema="https://example.org/meta_schema_20990101.json"))
+    assert any("is not one stored in ci/" in p for p in check_metadata(bundle_copy))
+    edit_metadata(bundle_copy, lambda m: m.update(schema="https://project-monai.github.io/schema/meta_schema_20240725.json"))
+    assert not [p for p in check_metadata(bundle_copy) if "schema" in p]
+
+
+def test_monai_verify_metadata_runs_offline(tmp_path):
+    bundle = tmp_path / "ctfm_pretrain"
+    (bundle / "configs").mkdir(parents=True)
+    shutil.copy(ROOT / "bundles" / "ctfm_pretrain" / "configs" / "metadata.json", bundle / "configs")
+    assert monai_verify_metadata(bundle) == []  # its proxy refuses connections: this passed without a download
+    edit_metadata(bundle, lambda m: m.pop("authors"))
+    (problem,) = monai_verify_metadata(bundle)
+    assert "monai.bundle verify_metadata failed" in problem and "'authors' is a required property" in problem
+
+
+def test_spatial_shape_expressions():
+    assert spatial_dims(["16*n", 8, "2**p", "*", "32**p*n"], n=2, p=3, any_=5) == (32, 8, 8, 5, 32768 * 2)
+    for bad in (["16*m"], ["__import__('os')"], [1.5], ["16/n"], ["n-1"]):
+        with pytest.raises((ValueError, SyntaxError)):
+            spatial_dims(bad, n=1, p=1)
+
+
+def test_bad_data_format_is_found(bundle_copy):
+    def change(meta):
+        meta["network_data_format"]["inputs"]["image"]["spatial_shape"] = ["16*m", 16, 16]
+        meta["network_data_format"]["outputs"]["pred"]["dtype"] = "complex-ish"
+
+    edit_metadata(bundle_copy, change)
+    problems = check_metadata(bundle_copy)
+    assert any("inputs.image.spatial_shape ['16*m', 16, 16]" in p for p in problems)
+    assert any("outputs.pred.dtype 'complex-ish'" in p for p in problems)
+
+
+def test_full_checks_stay_out_of_the_default_path(tmp_path, monkeypatch):
+    bundle = tmp_path / "ctfm_pretrain"
+    (bundle / "configs").mkdir(parents=True)
+    shutil.copy(ROOT / "bundles" / "ctfm_pretrain" / "configs" / "metadata.json", bundle / "configs")
+    calls = []
+    monkeypatch.setattr(verify_bundle, "FULL_CHECKS", (lambda b: calls.append(b) or ["full check ran"],))
+    assert "full check ran" not in verify(bundle)
+    assert not calls
+    assert "full check ran" in verify(bundle, full=True) and calls == [bundle]
+
+
+# ---- large_files.yml
+
+
+def write_large_files(bundle: Path, entries: list[dict]) -> None:
+    import yaml
+
+    (bundle / "large_files.yml").write_text(yaml.safe_dump({"large_files": entries}))
+
+
+def test_large_files_hash_val_must_be_a_digest_of_its_type(bundle_copy):
+    url = "https://huggingface.co/x/y/resolve/main/"
+    ok = [
+        {"path": "models/a.bin", "url": url + "a", "hash_val": "", "hash_type": "sha256"},
+        {"path": "models/b.bin", "url": url + "b", "hash_val": hashlib.md5(b"b").hexdigest(), "hash_type": "md5"},
+        {"path": "models/c.bin", "url": url + "c", "hash_val": hashlib.sha1(b"c").hexdigest(), "hash_type": "SHA1"},
+        {"path": "models/d.bin", "url": url + "d", "hash_val": hashlib.sha256(b"d").hexdigest(), "hash_type": "sha256"},
+    ]
+    write_large_files(bundle_copy, ok)
+    assert check_large_files(bundle_copy) == []
+    bad = [
+        {"path": "models/e.bin", "url": url + "e", "hash_val": "nothex", "hash_type": "sha256"},
+        {"path": "models/f.bin", "url": url + "f", "hash_val": hashlib.md5(b"f").hexdigest(), "hash_type": "sha256"},
+        {"path": "models/g.bin", "url": url + "g", "hash_val": "", "hash_type": "crc32"},
+        {"path": "models/h.bin", "url": url + "h", "hash_val": hashlib.sha256(b"h").hexdigest().upper(), "hash_type": "sha256"},
+        {"path": "../outside.bin", "url": "ftp://example.org/i", "hash_val": "", "hash_type": "md5"},
+        {"path": "models/j.bin", "url": url + "j", "hash_type": "md5"},
+    ]
+    write_large_files(bundle_copy, ok + bad)
+    problems = check_large_files(bundle_copy)
+    assert len(problems) == 7, problems
+    assert any("models/e.bin: hash_val 'nothex' is not a hex digest" in p for p in problems)
+    assert any("models/f.bin: hash_val has 32 hex digits, a sha256 digest has 64" in p for p in problems)
+    assert any("models/g.bin: hash_type 'crc32' is not one MONAI supports" in p for p in problems)
+    assert any("models/h.bin: hash_val must be lower case" in p for p in problems)
+    assert any("../outside.bin: path must be relative and inside the bundle" in p for p in problems)
+    assert any("url 'ftp://example.org/i' is not http(s)" in p for p in problems)
+    assert any("models/j.bin lacks hash_val" in p for p in problems)
+    assert any("hash_val 'nothex'" in p for p in verify(bundle_copy))
+
+
+# ---- reproducible packaging
+
+
+def small_bundle_copy(dest: Path, mtime: float, reverse: bool) -> Path:
+    """ctfm_pretrain without its weights (a small stand-in), files created in either order, all at ``mtime``."""
+    bundle = dest / "ctfm_pretrain"
+    shutil.copytree(ROOT / "bundles" / "ctfm_pretrain", bundle, ignore=shutil.ignore_patterns("models", "checkpoints", "runs"))
+    names = ["models/model.pt", "models/encoder_hf/config.json", "models/encoder_hf/model.safetensors", "scripts/run.sh"]
+    for name in reversed(names) if reverse else names:
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
+        (bundle / name).write_bytes(name.encode() * 100)
+    (bundle / "scripts" / "run.sh").chmod(0o755 if reverse else 0o775)
+    if not reverse:  # exports git ignores, present in one working tree only
+        (bundle / "models" / "model_embedding.onnx").write_bytes(b"onnx")
+        (bundle / "models" / "model.ts").write_bytes(b"ts")
+    (bundle / "LICENSE").chmod(0o600 if reverse else 0o664)
+    for path in [bundle, *bundle.rglob("*")]:
+        os.utime(path, (mtime, mtime))
+    return bundle
+
+
+def test_package_is_byte_for_byte_reproducible(tmp_path):
+    first = package(small_bundle_copy(tmp_path / "a", 1_000_000_000, False), tmp_path / "dist_a", check=False)
+    second = package(small_bundle_copy(tmp_path / "b", 1_700_000_000, True), tmp_path / "dist_b", check=False)
+    assert first.name == second.name == f"ctfm_pretrain_v{PRETRAIN_VERSION}.zip"
+    assert hashlib.sha256(first.read_bytes()).hexdigest() == hashlib.sha256(second.read_bytes()).hexdigest()
+    infos = zipfile.ZipFile(first).infolist()
+    names = [i.filename for i in infos]
+    assert names == sorted(names) and not [n for n in names if n.endswith("/")]
+    assert "ctfm_pretrain/scripts/run.sh" in names and "ctfm_pretrain/configs/metadata.json" in names
+    for info in infos:
+        assert info.date_time == ZIP_DATE_TIME and info.compress_type == zipfile.ZIP_DEFLATED and info.extra == b""
+        assert info.external_attr >> 16 == (0o100755 if info.filename.endswith("run.sh") else 0o100644), info.filename
+
+
+def test_package_prints_the_sha256(tmp_path):
+    bundle = small_bundle_copy(tmp_path / "a", 1_000_000_000, False)
+    archive = package(bundle, tmp_path / "dist", check=False)
+    from package_bundle import sha256_of
+
+    assert sha256_of(archive) == hashlib.sha256(archive.read_bytes()).hexdigest()
+
+
+def test_symlinks_in_a_bundle_are_refused(tmp_path):
+    bundle = small_bundle_copy(tmp_path / "a", 1_000_000_000, False)
+    outside = tmp_path / "secret.txt"
+    outside.write_text("not part of the bundle")
+    (bundle / "docs" / "extra.md").symlink_to(outside)
+    (bundle / "models" / "linked").symlink_to(tmp_path, target_is_directory=True)
+    with pytest.raises(SystemExit) as refused:
+        package(bundle, tmp_path / "dist", check=False)
+    message = str(refused.value)
+    assert f"{bundle / 'docs' / 'extra.md'}: symlink inside the bundle" in message
+    assert f"{bundle / 'models' / 'linked'}: symlink inside the bundle" in message
+    assert not (tmp_path / "dist" / f"ctfm_pretrain_v{PRETRAIN_VERSION}.zip").exists()
+    assert any("docs/extra.md: symlink inside the bundle" in p for p in verify(bundle))
 
 
 # ---- check_integration.py: the parts that run without MONAI Label or MONAI Deploy ----

@@ -14,7 +14,7 @@ import torch
 from torch.nn.functional import cosine_similarity
 
 from conftest import randomise
-from ctfm.encoder import CTFMEncoder
+from ctfm.networks.encoder import CTFMEncoder
 from ctfm.export import (
     OnnxRuntimeModule,
     _nvidia_driver_present,

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from ctfm.errors import CTFMError
-from ctfm.idc_manifest import (
+from ctfm.pretrain.idc_manifest import (
     CT_INDEX_COLUMNS,
     INDEX_COLUMNS,
     VOLUME_GEOMETRY_COLUMNS,
@@ -231,7 +231,7 @@ def test_bad_tables_name_the_file_and_the_problem(idc_tables, tmp_path):
 
 
 def test_command_line_reports_bad_input_on_one_line(idc_tables, tmp_path):
-    command = [sys.executable, "-m", "ctfm.idc_manifest", "write", "--out", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "ctfm.pretrain.idc_manifest", "write", "--out", str(tmp_path / "out")]
     good = subprocess.run(
         command + ["--idc_index", str(idc_tables["idc_index"]), "--ct_index", str(idc_tables["ct_index"])],
         capture_output=True, text=True, check=True,

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from ctfm.pretrain import IntraSampleNTXentLoss, IntraSampleViewsd, prepare_views
+from ctfm.pretrain.simclr import IntraSampleNTXentLoss, IntraSampleViewsd, prepare_views
 
 
 def test_loss_is_chance_for_random_and_low_for_matched_views():
@@ -57,7 +57,7 @@ def test_prepare_views_orders_scan_view_crop():
 
 def test_contrastive_step_learns_a_fixed_batch(small_encoder):
     """Gradients reach the encoder: on one fixed batch of views the loss drops far below chance."""
-    from ctfm.encoder import ContrastiveModel
+    from ctfm.networks import ContrastiveModel
 
     torch.manual_seed(0)
     model = ContrastiveModel(small_encoder.train())

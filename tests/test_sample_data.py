@@ -28,7 +28,7 @@ from ctfm.sample_data import (
 
 def test_installed_samples_match_sha256sums():
     listed = (sample_dir() / "SHA256SUMS").read_text().splitlines()
-    assert verify() == len(listed) == 146  # 5 NIfTI + 20 DICOM + 117 masks + licence, classes, codes, SOURCE.md
+    assert verify() == len(listed) == 147  # 5 NIfTI + 20 DICOM + 117 masks + licence, classes, codes, dataset, SOURCE.md
     assert all(line.split("  ")[1] != "SHA256SUMS" for line in listed)
 
 
@@ -142,7 +142,7 @@ def test_extract_samples_from_an_sdist(tmp_path):
     dest = extract_samples(fake_sdist(tmp_path / "sdist.tar.gz"), tmp_path / "samples")
     files = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file())
     assert files == [
-        "LICENSE.TotalSegmentator", "SHA256SUMS", "SOURCE.md",
+        "LICENSE.TotalSegmentator", "SHA256SUMS", "SOURCE.md", "dataset.json",
         "example_ct.nii.gz", "example_ct_dicom/CT.1", "example_ct_dicom/CT.2", "example_ct_sm.nii.gz",
         "example_seg.nii.gz", "example_seg_dicom.nii.gz", "example_seg_fast/liver.nii.gz",
         "example_seg_fast_force_split.nii.gz", "totalseg_classes.json", "totalsegmentator_snomed_mapping.csv",

@@ -18,15 +18,20 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ctfm.checkpoint import save_hf_folder, save_state_dict
-from ctfm.encoder import CTFMEncoder
+from ctfm.networks.encoder import CTFMEncoder
 from ctfm.sample_data import sample_path, totalseg_classes
-from ctfm.segmentation import CTFMSegResNetDS, load_network
+from ctfm.networks import CTFMSegResNetDS
+from ctfm.weights import load as load_network
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ctfm_segmentation"
 CONFIGS = BUNDLE / "configs"
 #: One thread per process: on a shared 2-core machine more threads oversubscribe and run several times slower.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-TINY_TRAIN = {"init_filters": 4, "patch_size": "[16,64,64]", "num_workers": 0, "warmup_iterations": 0, "learning_rate": 0.003}
+TINY_TRAIN = {"init_filters": 4, "crop_size": "[16,64,64]", "num_workers": 0, "warmup_iterations": 0, "learning_rate": 0.003}
+
+
+#: The second tier: bundles run in subprocesses (and under torchrun).
+pytestmark = pytest.mark.slow
 
 
 def run_bundle(configs, check=True, runner=(sys.executable,), cwd=None, **overrides) -> subprocess.CompletedProcess:
@@ -43,6 +48,7 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     assert proc.returncode == 1, proc.stderr[-3000:]
     lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert len(lines) == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]  # StatsHandler's logged tracebacks too
     return lines[0]
 
 
@@ -55,7 +61,7 @@ def tiny_encoder(tmp_path_factory) -> Path:
 
 def test_inference_on_the_sample_ct_writes_label_map_and_preview(tmp_path):
     """The README's first command, from the repository root with no --bundle_root: the shipped weights are found."""
-    run_bundle(["inference.json"], cwd=BUNDLE.parents[1], output_dir=tmp_path)
+    run_bundle(["inference.json"], cwd=BUNDLE.parents[1], output_dir=tmp_path, datalist="example_ct.nii.gz")
     source = nib.load(sample_path("example_ct.nii.gz"))
     out = nib.load(tmp_path / "example_ct_seg.nii.gz")
     assert out.shape == source.shape and np.allclose(out.affine, source.affine, atol=1e-4)
@@ -68,7 +74,7 @@ def test_inference_on_the_sample_ct_writes_label_map_and_preview(tmp_path):
 
 
 def test_dicom_series_in_gives_a_dicom_seg_with_one_segment_per_label(tmp_path):
-    run_bundle(["inference.json"], bundle_root=BUNDLE, output_dir=tmp_path, input_path=sample_path("example_ct_dicom"))
+    run_bundle(["inference.json"], bundle_root=BUNDLE, output_dir=tmp_path, datalist="example_ct_dicom")
     labels = np.asanyarray(nib.load(tmp_path / "example_ct_dicom_seg.nii.gz").dataobj)
     seg = pydicom.dcmread(tmp_path / "example_ct_dicom_seg.dcm")
     present = [int(v) for v in np.unique(labels) if v]
@@ -78,7 +84,7 @@ def test_dicom_series_in_gives_a_dicom_seg_with_one_segment_per_label(tmp_path):
 
 
 def test_evaluation_on_the_held_out_series_matches_metadata(tmp_path):
-    proc = run_bundle(["train.json", "evaluate.json"], bundle_root=BUNDLE, eval_dir=tmp_path)
+    proc = run_bundle(["train.json", "evaluate.json"], bundle_root=BUNDLE, output_dir=tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert "liver" in proc.stdout and "mean over" in proc.stdout
     assert summary["cases"] == [str(sample_path("example_ct_dicom"))]
@@ -101,20 +107,20 @@ def test_evaluation_on_the_held_out_series_matches_metadata(tmp_path):
 def test_bad_inputs_end_with_one_line_and_no_output(tmp_path, case):
     out = tmp_path / "out"
     save_state_dict(CTFMSegResNetDS(init_filters=4), tmp_path / "model.pt")
-    overrides = {"bundle_root": BUNDLE, "output_dir": out, "init_filters": 4, "checkpoint": tmp_path / "model.pt"}
+    overrides = {"bundle_root": BUNDLE, "output_dir": out, "init_filters": 4, "ckpt_path": tmp_path / "model.pt"}
     if case == "two_d":
         path = tmp_path / "slice.nii.gz"
         nib.save(nib.Nifti1Image(np.zeros((64, 64), np.int16), np.eye(4)), path)
-        overrides["input_path"] = path
+        overrides["datalist"] = path
     elif case == "missing_weights":
-        overrides["checkpoint"] = tmp_path / "nowhere" / "model.pt"
+        overrides["ckpt_path"] = tmp_path / "nowhere" / "model.pt"
     elif case == "other_architecture":
         save_state_dict(CTFMEncoder(init_filters=8), tmp_path / "encoder.pt")
-        overrides["checkpoint"] = tmp_path / "encoder.pt"
+        overrides["ckpt_path"] = tmp_path / "encoder.pt"
     else:
         path = tmp_path / "notes.nii.gz"
         path.write_text("not an image")
-        overrides["input_path"] = path
+        overrides["datalist"] = path
     line = error_line(run_bundle(["inference.json"], check=False, **overrides))
     expected = {"two_d": "slice.nii.gz", "missing_weights": "model.pt", "other_architecture": "encoder.pt", "not_a_ct": "notes.nii.gz"}
     assert expected[case] in line
@@ -124,7 +130,7 @@ def test_bad_inputs_end_with_one_line_and_no_output(tmp_path, case):
 def test_training_data_with_mismatched_label_is_one_line(tmp_path, tiny_encoder):
     datalist = tmp_path / "list.json"
     datalist.write_text(json.dumps([{"image": str(sample_path("example_ct.nii.gz")), "label": str(sample_path("example_seg.nii.gz"))}]))
-    proc = run_bundle(["train.json"], check=False, bundle_root=tmp_path / "run", data_source=datalist, encoder_weights=tiny_encoder, **TINY_TRAIN)
+    proc = run_bundle(["train.json"], check=False, bundle_root=tmp_path / "run", dataset_dir=datalist, encoder_weights=tiny_encoder, **TINY_TRAIN)
     line = error_line(proc)
     assert "example_seg.nii.gz" in line and "example_ct.nii.gz" in line
     assert not (tmp_path / "run" / "models").exists()
@@ -138,7 +144,7 @@ def test_train_from_the_pretraining_export_then_infer_with_the_result(tmp_path, 
     assert not torch.equal(network.encoder.conv_init.weight, CTFMEncoder(init_filters=4).conv_init.weight)
     run_bundle(
         ["inference.json"], bundle_root=tmp_path, init_filters=4, output_dir=tmp_path / "out",
-        input_path=sample_path("example_ct_sm.nii.gz"), write_preview=False,
+        datalist="example_ct_sm.nii.gz", write_preview=False,
     )
     assert (tmp_path / "out" / "example_ct_sm_seg.nii.gz").is_file()
 
@@ -150,7 +156,7 @@ def test_training_dice_rises_on_an_msd_style_task(tmp_path, tiny_encoder):
     (tmp_path / "dataset.json").write_text(json.dumps({"labels": labels, "training": [pair]}))
     run_bundle(
         ["train.json"], bundle_root=tmp_path, encoder_weights=tiny_encoder, data_layout="msd",
-        data_source=tmp_path / "dataset.json", task_labels="[5]", epoch_length=10, max_epochs=4, **TINY_TRAIN,
+        dataset_dir=tmp_path, task_labels="[5]", epoch_length=10, max_epochs=4, **TINY_TRAIN,
     )
     events = EventAccumulator(str(tmp_path / "runs"))
     events.Reload()

@@ -7,10 +7,10 @@ import torch
 from monai.transforms import LoadImage
 
 from ctfm.ct_io import read_ct
-from ctfm.dicom_seg import read_series_headers, segment_description, write_dicom_seg
+from ctfm.segmentation.dicom_seg import read_series_headers, segment_description, write_dicom_seg
 from ctfm.errors import CTFMError
 from ctfm.sample_data import sample_path, totalseg_classes, totalseg_codes
-from ctfm.totalseg import AlignLabeld
+from ctfm.segmentation.data import AlignLabeld
 
 KEEP = (1, 5, 6, 52, 79)  # spleen, liver, stomach, aorta, spinal cord
 

@@ -8,7 +8,7 @@ from monai.inferers import SlidingWindowInferer
 from monai.transforms import Compose, Invertd, Orientationd, Spacingd
 
 from ctfm.transforms import AXIS_LABELS
-from ctfm.sliding_window import LabelMapSlidingWindowInferer, _ring_parts, buffer_bytes, label_dtype
+from ctfm.segmentation.inferer import LabelMapSlidingWindowInferer, _ring_parts, buffer_bytes, label_dtype
 
 
 def small_network(num_classes: int = 13, seed: int = 0) -> torch.nn.Module:
@@ -42,7 +42,7 @@ def test_float32_labels_equal_argmax_of_monai(shape, roi, overlap):
 @pytest.mark.parametrize("finalise_bytes", [1, 13 * 30 * 28 * 4 * 3])  # one row, three rows per temporary
 def test_labels_finalised_in_small_blocks_equal_argmax_of_monai(monkeypatch, finalise_bytes):
     """Rows turned into labels a few at a time, across the ring buffer's wrap, give MONAI's labels."""
-    monkeypatch.setattr("ctfm.sliding_window.FINALISE_BYTES", finalise_bytes)
+    monkeypatch.setattr("ctfm.segmentation.inferer.FINALISE_BYTES", finalise_bytes)
     network = small_network()
     x = torch.rand((1, 1, 40, 30, 28), generator=torch.Generator().manual_seed(2))
     labels = LabelMapSlidingWindowInferer((16, 16, 16), overlap=0.5, sw_batch_size=2)(x, network)

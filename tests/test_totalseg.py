@@ -14,7 +14,7 @@ from monai.transforms import LoadImage
 
 from ctfm.errors import CTFMError
 from ctfm.sample_data import sample_path, totalseg_classes
-from ctfm.totalseg import (
+from ctfm.segmentation.data import (
     AlignLabeld,
     RemapLabelsd,
     check_pair,

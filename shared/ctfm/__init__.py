@@ -1,19 +1,31 @@
-"""CT foundation-model zoo: the shared CT-FM encoder, CT input, preprocessing and export used by every bundle.
+"""CT foundation-model zoo: the shared CT-FM encoder and the code every bundle of ``bundles/`` runs.
 
-Where things are:
+Where things are (importing :mod:`ctfm` imports none of them and changes nothing in the host process):
 
-- :mod:`ctfm.encoder` -- the one encoder definition (MONAI ``SegResEncoder`` with CT-FM's arguments).
-- :mod:`ctfm.checkpoint` -- loading every published CT-FM weight layout; saving HF folders and state dicts.
-- :mod:`ctfm.ct_io` -- reading NIfTI / NRRD / DICOM series with one-line errors for bad input.
-- :mod:`ctfm.transforms` -- CT-FM preprocessing as MONAI transforms.
-- :mod:`ctfm.export` -- ONNX / ONNX Runtime / TensorRT.
-- :mod:`ctfm.augment` -- segmentation training augmentations (contrast phases, short series).
+Shared by every bundle
+    - :mod:`ctfm.networks` -- the one encoder definition and every network built on it (no file I/O).
+    - :mod:`ctfm.checkpoint` -- reading and writing every checkpoint layout (HF folders, Lightning, state dicts).
+    - :mod:`ctfm.weights` -- the table of known weights (published CT-FM and shipped demo weights) and their hashes.
+    - :mod:`ctfm.ct_io` -- reading and checking one CT (NIfTI / NRRD / MetaImage / DICOM series).
+    - :mod:`ctfm.datalist` -- which CTs a run reads (``dataset_dir`` + ``datalist``) and how outputs are named.
+    - :mod:`ctfm.transforms` -- CT-FM preprocessing as MONAI transforms.
+    - :mod:`ctfm.embedding` -- the one embedding-extraction path (sliding patches, any encoder runtime).
+    - :mod:`ctfm.preview` -- every PNG the bundles write.
+    - :mod:`ctfm.export` -- ONNX, ONNX Runtime, int8, TensorRT.
+    - :mod:`ctfm.engine` -- crash-safe checkpoints, resume, distributed setup, progress, export handlers.
+    - :mod:`ctfm.bundle` -- MONAI's bundle contract: ``bundle_root``, unknown-override check, one-line errors.
+    - :mod:`ctfm.errors` -- the exception family whose message is one line naming the file.
+
+One bundle each
+    - :mod:`ctfm.pretrain` -- ``ctfm_pretrain``: one module per pre-training recipe.
+    - :mod:`ctfm.segmentation` -- ``ctfm_segmentation``: data layouts, inferer, outputs, DICOM SEG, evaluation.
+
+Axis convention, stated once: a volume read from disk is ``(X, Y, Z)`` in ITK's voxel order with a RAS affine
+(:mod:`ctfm.ct_io`); every network sees ``(S, P, L)``: CT-FM's orientation code "SPL" in MONAI's classic letters
+(axis 0 runs towards superior, 1 towards posterior, 2 towards the patient's left; see
+:data:`ctfm.transforms.AXIS_LABELS`). Shapes in docstrings are ``(B, C, S, P, L)`` for network input.
 """
 
-from ctfm.errors import CTFMError, install_excepthook
+__version__ = "0.2.0"
 
-__version__ = "0.1.0"
-
-install_excepthook()
-
-__all__ = ["CTFMError", "__version__"]
+__all__ = ["__version__"]

@@ -9,6 +9,8 @@ Layouts read (file or folder):
   ``_orig_mod.`` where the run used ``torch.compile``.
 - Plain state dicts, ``.safetensors``, ``.pt``/``.pth``/``.ckpt``; DDP's ``module.`` is dropped too.
 
+Every file is read once; a floating-point tensor holding NaN or Inf is refused (a damaged file that still parses).
+
 Nothing is unpickled beyond tensors and plain containers: ``.pt`` files go through
 ``torch.load(weights_only=True)``, and a file that needs more is refused with a one-line error.
 """
@@ -27,14 +29,26 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctfm.errors import CTFMError
-from ctfm.encoder import CTFM_BLOCKS_DOWN, CTFMEncoder
+from ctfm.networks.encoder import CTFM_BLOCKS_DOWN, CTFMEncoder
 from ctfm.files import atomic_path, sha256sum
+
+__all__ = [
+    "CheckpointError",
+    "LoadReport",
+    "load_encoder",
+    "load_weights",
+    "read_state_dict",
+    "save_hf_folder",
+    "save_state_dict",
+]
 
 logger = logging.getLogger("ctfm.checkpoint")
 HF_CONFIG = "config.json"
 HF_WEIGHTS = "model.safetensors"
 _WRAPPER_SEGMENTS = re.compile(r"^module\.|(?:^|(?<=\.))_orig_mod\.")  # DDP and torch.compile wrappers
 ENCODER_CONFIG_KEYS = ("blocks_down", "in_channels", "init_filters", "spatial_dims")
+#: What a ``SegResNetDS`` folder (``whole_body_segmentation``) adds to the encoder's arguments.
+SEGMENTATION_CONFIG_KEYS = ("out_channels", "dsdepth")
 _CONTAINER_KEYS = ("state_dict", "model", "network", "model_state_dict")
 
 
@@ -62,8 +76,19 @@ class LoadReport:
 
 
 def read_state_dict(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]:
-    """Read tensors from any supported layout; returns ``(state_dict, layout name)`` with wrapper prefixes kept."""
-    path = Path(path)
+    """Read tensors from any supported layout; returns ``(state_dict, layout name)`` with wrapper prefixes kept.
+
+    Raises:
+        CheckpointError: missing or unreadable file, not a state dict of tensors, a NaN or infinite value.
+    """
+    state, layout = _read_tensors(Path(path))
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise CheckpointError(f"{path}: {len(bad)} tensors hold NaN or infinite values (first: {bad[0]}); damaged weights")
+    return state, layout
+
+
+def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
     if not path.exists():
         raise CheckpointError(f"{path}: no such checkpoint file or folder")
     if path.is_dir():
@@ -99,7 +124,7 @@ def load_weights(
     (e.g. a projection head or a decoder); they are not an error.
 
     Args:
-        module: a :class:`~ctfm.encoder.CTFMEncoder`, a ``SegResNetDS`` or any module.
+        module: a :class:`~ctfm.networks.CTFMEncoder`, a ``SegResNetDS`` or any module.
         path: a file or a Hugging Face model folder.
         strict: raise if any of ``module``'s keys stay missing.
         sha256: expected SHA-256 of the weights file; checked before reading.
@@ -113,6 +138,11 @@ def load_weights(
     if path.is_dir() and (path / HF_CONFIG).is_file() and hasattr(module, "config"):
         _check_hf_config(path, module.config)
     raw, layout = read_state_dict(path)
+    return _fit(module, raw, layout, path, strict)
+
+
+def _fit(module: nn.Module, raw: dict[str, torch.Tensor], layout: str, path: Path, strict: bool) -> LoadReport:
+    """Copy the tensors ``raw`` read from ``path`` into ``module`` under the best-fitting key prefix."""
     state = {_WRAPPER_SEGMENTS.sub("", k): v for k, v in raw.items()}
     target = module.state_dict()
     prefix = _best_prefix(state, target)
@@ -145,29 +175,32 @@ def load_weights(
     return report
 
 
-def with_weights(module: nn.Module, path: str | os.PathLike, sha256: str | None = None) -> nn.Module:
-    """``module`` with the weights of ``path`` loaded (all keys required) and the report logged; for configs:
-    ``"network": "$ctfm.checkpoint.with_weights(@network_def, @weights)"``."""
-    logger.info(load_weights(module, path, sha256=sha256).summary())
-    return module
-
-
 def load_encoder(path: str | os.PathLike, sha256: str | None = None) -> tuple[CTFMEncoder, LoadReport]:
-    """Build a :class:`CTFMEncoder` of the checkpoint's size and load it (any layout of this module)."""
+    """Build a :class:`CTFMEncoder` of the checkpoint's size and load it: an encoder alone, or the encoder of a
+    segmentation network or pre-training checkpoint, in any layout of this module (files read once).
+
+    Raises:
+        CheckpointError: as :func:`load_weights`; also a checkpoint without an encoder.
+    """
     path = Path(path)
+    if sha256 is not None:
+        _check_sha256(path / HF_WEIGHTS if path.is_dir() else path, sha256)
+    state, layout = read_state_dict(path)
     if path.is_dir() and (path / HF_CONFIG).is_file():
-        encoder = CTFMEncoder(**_read_hf_config(path))
+        config = {k: v for k, v in _read_hf_config(path).items() if k in ENCODER_CONFIG_KEYS}
     else:
-        state, _ = read_state_dict(path)
-        encoder = CTFMEncoder(**_infer_encoder_config(path, state))
-    return encoder, load_weights(encoder, path, sha256=sha256)
+        config = _infer_encoder_config(path, state)
+    encoder = CTFMEncoder(**config)
+    return encoder, _fit(encoder, state, layout, path, strict=True)
 
 
-def save_hf_folder(encoder: CTFMEncoder, folder: str | os.PathLike) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` as CT-FM's Hugging Face feature extractor; atomic."""
+def save_hf_folder(network: nn.Module, folder: str | os.PathLike) -> Path:
+    """Write ``config.json`` (``network.config``: its constructor arguments) + ``model.safetensors``, atomically:
+    the layout ``PyTorchModelHubMixin`` writes and CT-FM publishes (``ct_fm_feature_extractor`` for a
+    :class:`~ctfm.networks.CTFMEncoder`, ``whole_body_segmentation`` for a :class:`~ctfm.networks.CTFMSegResNetDS`)."""
     with atomic_path(folder, is_dir=True) as tmp:
-        (tmp / HF_CONFIG).write_text(json.dumps(encoder.config, indent=2, sort_keys=True) + "\n")
-        save_file({k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}, str(tmp / HF_WEIGHTS))
+        (tmp / HF_CONFIG).write_text(json.dumps(network.config, indent=2, sort_keys=True) + "\n")
+        save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(tmp / HF_WEIGHTS))
     return Path(folder)
 
 
@@ -194,12 +227,14 @@ def _read_hf_config(folder: Path) -> dict:
         config = json.loads((folder / HF_CONFIG).read_text())
     except json.JSONDecodeError as err:
         raise CheckpointError(f"{folder / HF_CONFIG}: not valid JSON ({err})") from None
-    defaults = {"act": "relu", "norm": "batch", "head_module": None, "anisotropic_scales": None}
-    other = {k: v for k, v in config.items() if k not in ENCODER_CONFIG_KEYS and defaults.get(k, "?") != v}
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{folder / HF_CONFIG}: not a model config (a JSON object)")
+    defaults = {"act": "relu", "norm": "batch", "head_module": None, "anisotropic_scales": None, "upsample_mode": "deconv"}
+    known = {*ENCODER_CONFIG_KEYS, *SEGMENTATION_CONFIG_KEYS}
+    other = {k: v for k, v in config.items() if k not in known and defaults.get(k, "?") != v}
     if other:
-        raise CheckpointError(f"{folder / HF_CONFIG}: not a CT-FM encoder config (unsupported settings {other})")
-    config = {k: v for k, v in config.items() if k in ENCODER_CONFIG_KEYS}
-    return config
+        raise CheckpointError(f"{folder / HF_CONFIG}: not a CT-FM encoder or SegResNetDS config (unsupported settings {other})")
+    return {k: v for k, v in config.items() if k in known}
 
 
 def _check_hf_config(folder: Path, expected: dict) -> None:

@@ -1,14 +1,25 @@
-"""Lists of CTs for training and inference: a folder of CTs or a datalist JSON, both as ``[{"image": path}]``."""
+"""Which CTs a run reads, as ``[{"image": path, ...}]``, and how its outputs are named after them.
+
+Every bundle takes MONAI's ``dataset_dir`` (the folder the data is in) and ``datalist`` (what to read there),
+as the model zoo's configs do; :func:`find_inputs` turns the pair into a datalist. :func:`output_stem` names an
+output after its input's path relative to ``dataset_dir``, so two inputs of one run never share an output.
+"""
 
 from __future__ import annotations
 
+import glob
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from ctfm.errors import CTFMError
 
+__all__ = ["CT_SUFFIXES", "find_cts", "find_inputs", "is_dicom_file", "load_datalist", "output_stem"]
+
 CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+#: The model zoo's (MSD's) image folder per datalist section.
+ZOO_IMAGE_FOLDERS = {"test": "imagesTs", "training": "imagesTr", "validation": "imagesTr"}
 
 
 def is_dicom_file(path: Path) -> bool:
@@ -77,3 +88,88 @@ def load_datalist(source: str | os.PathLike, section: str = "training", key: str
             raise CTFMError(f"{source}: listed CT {item[key]} does not exist")
         datalist.append(item)
     return datalist
+
+
+def find_inputs(
+    dataset_dir: str | os.PathLike,
+    datalist: str | os.PathLike | Sequence | None = None,
+    section: str = "test",
+    key: str = "image",
+) -> list[dict]:
+    """The datalist of a run from the bundle's ``dataset_dir`` and ``datalist`` ids.
+
+    Args:
+        dataset_dir: the data folder (relative entries of ``datalist`` are taken from here); a single CT file,
+            a DICOM series folder or a datalist JSON is also accepted.
+        datalist: what to read, as the model zoo writes it or as this project always accepted it:
+
+            - ``None`` or ``""``: the zoo's layout of ``dataset_dir``: the ``section`` of its ``dataset.json``
+              (MSD's layout), else the CTs in its ``imagesTs/`` (``imagesTr/`` for training), else every CT below it;
+            - a glob such as ``"imagesTs/*.nii.gz"`` (relative to ``dataset_dir`` unless absolute; ``**`` recurses);
+            - a path: a CT file, a DICOM series folder, a folder of CTs or a datalist JSON (its ``section``);
+            - a list of such paths or of ``{key: path, ...}`` dicts.
+        section: datalist / ``dataset.json`` section (``"test"`` for inference, ``"training"`` for training).
+        key: the image key of the returned dicts.
+
+    Returns:
+        ``[{key: absolute path, ...}]`` in a stable order.
+
+    Raises:
+        CTFMError: a missing folder or file, a glob that matches nothing, an empty or malformed datalist.
+    """
+    root = Path(dataset_dir)
+    if not root.exists():
+        raise CTFMError(f"{root}: no such dataset_dir")
+    if datalist is None or (isinstance(datalist, str) and not datalist.strip()):
+        if root.is_dir() and (root / "dataset.json").is_file():
+            return load_datalist(root / "dataset.json", section=section, key=key)
+        folder = root / ZOO_IMAGE_FOLDERS.get(section, "imagesTs")
+        return load_datalist(folder if folder.is_dir() else root, section=section, key=key)
+    if isinstance(datalist, (list, tuple)):
+        items = [dict(i) if isinstance(i, dict) else {key: str(i)} for i in datalist]
+        if not items:
+            raise CTFMError(f"{root}: empty datalist")
+        for item in items:
+            if key not in item:
+                raise CTFMError(f"{root}: a datalist entry has no '{key}' key: {item}")
+            for k, v in item.items():
+                if isinstance(v, (str, os.PathLike)) and not Path(v).is_absolute() and (root / v).exists():
+                    item[k] = str((root / v).resolve())
+            if not Path(item[key]).exists():
+                raise CTFMError(f"{root}: listed CT {item[key]} does not exist")
+        return items
+    text = str(datalist)
+    if glob.has_magic(text):
+        pattern = text if Path(text).is_absolute() else str(root / text)
+        matches = sorted(p for p in glob.glob(pattern, recursive=True) if not Path(p).name.startswith("."))
+        if not matches:
+            raise CTFMError(f"{root}: datalist {text!r} matches no file")
+        return [{key: str(Path(p).resolve())} for p in matches]
+    path = Path(text) if Path(text).is_absolute() else root / text
+    return load_datalist(path, section=section, key=key)
+
+
+def output_stem(source: str | os.PathLike, root: str | os.PathLike | None = None) -> str:
+    """An input's name for its outputs: its path relative to ``root`` without the image extension.
+
+    ``output_stem("/data/s1/ct.nii.gz", "/data") == "s1/ct"``; an input outside ``root`` (or with no ``root``)
+    keeps only its own name; a DICOM series folder keeps its folder name. ``root`` may also be a file (a single
+    CT or a datalist JSON), whose folder is then the root.
+    """
+    path = Path(source).resolve()
+    relative = Path(path.name)
+    if root is not None:
+        base = Path(root).resolve()
+        base = base.parent if base.is_file() else base
+        try:
+            inside = path.relative_to(base)
+            if inside.parts:
+                relative = inside
+        except ValueError:
+            pass
+    name = relative.name
+    for suffix in CT_SUFFIXES:
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return (relative.parent / name).as_posix()

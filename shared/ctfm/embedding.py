@@ -1,6 +1,6 @@
 """Whole-CT embeddings from any encoder runtime: patch embeddings by sliding window, saved with a PNG map.
 
-The network may be the torch :class:`~ctfm.encoder.CTFMEncoder` (five feature maps), an ONNX Runtime module
+The network may be the torch :class:`~ctfm.networks.CTFMEncoder` (five feature maps), an ONNX Runtime module
 exported with ``output="embedding"`` (``(B, D)``) or ``"features"`` (maps), or a TensorRT-compiled encoder:
 :func:`pooled` turns each output into ``(B, D)``, so one inferer serves every runtime.
 """
@@ -11,16 +11,21 @@ import os
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.data.utils import dense_patch_slices
 from monai.inferers import Inferer
 from monai.transforms import MapTransform
+from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ctfm.encoder import SIZE_DIVISOR
+from ctfm.datalist import output_stem
+from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
+from ctfm.networks.encoder import SIZE_DIVISOR
+from ctfm.preview import write_embedding_map
+
+__all__ = ["PATCH_SIZE", "PATCH_STARTS", "PatchEmbeddingInferer", "SaveEmbeddingd", "patch_grid", "pooled", "sliding_patch_embeddings"]
 
 PATCH_STARTS = "patch_starts"
 PATCH_SIZE = "patch_size"
@@ -99,67 +104,94 @@ class PatchEmbeddingInferer(Inferer):
 
 
 class SaveEmbeddingd(MapTransform):
-    """Write ``<output_dir>/<CT name>_embedding.safetensors`` and ``..._embedding.png``, each atomically.
+    """Write ``<output_dir>/<stem>_embedding.safetensors`` and ``<stem>_embedding.png`` per CT, each atomically.
 
-    The safetensors file holds ``embedding`` ``(D,)`` (mean over patches), ``patch_embeddings`` ``(P, D)`` and
-    ``patch_starts`` ``(P, 3)`` (voxel index in the preprocessed SPL volume); the PNG shows the mid-sagittal
-    and mid-coronal planes of ``image_key`` with each patch coloured by the first three principal components
-    of the patch embeddings (similar colour = similar embedding).
+    ``<stem>`` is the input's path relative to ``data_root_dir`` without its extension
+    (:func:`ctfm.datalist.output_stem`): inputs of one run never share an output (two that would still stop the
+    run), and an output left by an earlier run is replaced only when it was made from the same input (recorded in
+    the safetensors metadata as ``source``). The safetensors file holds ``embedding`` ``(D,)`` (mean over patches),
+    ``patch_embeddings`` ``(P, D)`` and ``patch_starts`` ``(P, 3)`` (voxel index in the preprocessed SPL volume);
+    the PNG shows the mid-sagittal and mid-coronal planes of ``image_key`` with each patch coloured by the first
+    three principal components of the patch embeddings (similar colour = similar embedding).
+
+    Args:
+        output_dir: where the outputs go.
+        data_root_dir: the folder the inputs' names are taken relative to (the bundle's ``dataset_dir``).
+        output_ext: ``.safetensors`` (the one format written).
+        image_key: the preprocessed CT drawn under the map.
     """
 
-    def __init__(self, keys: str = "pred", output_dir: str | os.PathLike = "eval", image_key: str = "image"):
+    OUTPUT_EXTENSIONS = (".safetensors",)
+
+    def __init__(
+        self,
+        keys: str = "pred",
+        output_dir: str | os.PathLike = "eval",
+        data_root_dir: str | os.PathLike | None = None,
+        output_ext: str = ".safetensors",
+        image_key: str = "image",
+    ):
         super().__init__(keys)
+        if output_ext not in self.OUTPUT_EXTENSIONS:
+            raise CTFMError(f"output_ext {output_ext!r}: embeddings are written as {', '.join(self.OUTPUT_EXTENSIONS)}")
         self.output_dir = Path(output_dir)
+        self.data_root_dir = data_root_dir
+        self.output_ext = output_ext
         self.image_key = image_key
+        self._written: dict[Path, str] = {}
+
+    def outputs_for(self, source: str | os.PathLike) -> dict[str, Path]:
+        """The files written for the input ``source``: ``embedding`` and ``png``."""
+        stem = self.output_dir / f"{output_stem(source, self.data_root_dir)}_embedding"
+        return {"embedding": stem.with_name(stem.name + self.output_ext), "png": stem.with_name(stem.name + ".png")}
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
         for key in self.key_iterator(d):
             pred = d[key]
             source = pred.meta.get("filename_or_obj", "ct")
-            name = _stem(str(source[0] if isinstance(source, (list, tuple)) else source))
+            source = str(source[0] if isinstance(source, (list, tuple)) else source)
+            outputs = self.outputs_for(source)
+            self._check_collision(source, outputs["embedding"])
             patches = pred.as_tensor().float().contiguous()
             tensors = {"embedding": patches.mean(0), "patch_embeddings": patches, "patch_starts": pred.meta[PATCH_STARTS]}
-            with atomic_path(self.output_dir / f"{name}_embedding.safetensors") as tmp:
-                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
-            image = torch.as_tensor(d[self.image_key])
-            image = image[0] if image.ndim == 5 else image
-            write_embedding_map(image[0].numpy(), patches.numpy(), pred.meta[PATCH_STARTS].numpy(), pred.meta[PATCH_SIZE].tolist(), self.output_dir / f"{name}_embedding.png")
+            try:
+                with atomic_path(outputs["embedding"]) as tmp:
+                    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=_provenance(source))
+                image = torch.as_tensor(d[self.image_key])
+                image = image[0] if image.ndim == 5 else image
+                write_embedding_map(
+                    image[0].numpy(), patches.numpy(), pred.meta[PATCH_STARTS].numpy(), pred.meta[PATCH_SIZE].tolist(),
+                    outputs["png"],
+                )
+            except OSError as err:
+                raise CTFMError(f"{err.filename or self.output_dir}: cannot write outputs ({err.strerror})") from None
+            self._written[outputs["embedding"]] = source
         return d
 
-
-def write_embedding_map(volume: np.ndarray, embeddings: np.ndarray, starts: np.ndarray, patch_size: Sequence[int], path: Path) -> None:
-    """PNG of two mid planes of ``volume`` (S, P, L) in [0, 1] with patches tinted by 3 principal components."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    centred = embeddings - embeddings.mean(0)
-    components = np.linalg.svd(centred, full_matrices=False)[2][:3] if len(embeddings) > 1 else np.eye(3, embeddings.shape[1])
-    rgb = centred @ components.T
-    rgb = (rgb - rgb.min(0)) / np.maximum(rgb.max(0) - rgb.min(0), 1e-8)
-    rgb = np.pad(rgb, ((0, 0), (0, 3 - rgb.shape[1])))
-    tint = np.zeros((*volume.shape, 3), dtype=np.float32)
-    for (s, p, l), colour in zip(starts, rgb):
-        tint[s : s + patch_size[0], p : p + patch_size[1], l : l + patch_size[2]] = colour
-    mid_p, mid_l = volume.shape[1] // 2, volume.shape[2] // 2
-    planes = {"sagittal (mid L)": (volume[:, :, mid_l], tint[:, :, mid_l]), "coronal (mid P)": (volume[:, mid_p, :], tint[:, mid_p, :])}
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
-    for ax, (title, (ct, colour)) in zip(axes, planes.items()):
-        ax.imshow(ct[::-1], cmap="gray", vmin=0.25, vmax=0.45, aspect="auto")  # S up; soft-tissue window in [0, 1]
-        ax.imshow(colour[::-1], alpha=0.35, aspect="auto")
-        ax.set_title(title)
-        ax.axis("off")
-    fig.suptitle(f"{len(embeddings)} patch embeddings, coloured by their first 3 principal components")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
-    plt.close(fig)
+    def _check_collision(self, source: str, output: Path) -> None:
+        earlier = self._written.get(output)
+        if earlier is None and output.exists():
+            earlier = _recorded_source(output)
+            if earlier is None:
+                raise CTFMError(
+                    f"{output}: exists and does not say which input it was made from; "
+                    f"move it away or choose another output_dir before embedding {source}"
+                )
+        if earlier is not None and Path(earlier).resolve() != Path(source).resolve():
+            raise CTFMError(
+                f"{source}: its output {output} is the output of another input ({earlier}); "
+                "set data_root_dir (dataset_dir) to the inputs' common folder or give them distinct names"
+            )
 
 
-def _stem(path: str) -> str:
-    name = Path(path.rstrip("/")).name
-    for suffix in (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
+def _provenance(source: str) -> dict[str, str]:
+    return {"source": str(Path(source).resolve())}
+
+
+def _recorded_source(path: Path) -> str | None:
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("source")
+    except Exception:  # an unreadable earlier output records nothing
+        return None

@@ -1,16 +1,21 @@
-"""One exception family for bad input, reported as one line at the command line.
+"""One exception family for bad input, and one line per error at the command line.
 
 Bundles run through ``python -m monai.bundle run``, whose tracebacks bury the cause under ignite and MONAI
-frames (MONAI re-raises transform errors wrapped in ``RuntimeError``). :func:`install_excepthook` makes an
-uncaught :class:`CTFMError` anywhere in the cause chain print ``error: <file>: <problem>`` and exit with
-status 1; ``CTFM_TRACEBACK=1`` restores the full traceback.
+frames (MONAI re-raises transform errors wrapped in ``RuntimeError``, and its ``StatsHandler`` logs each one
+with a full traceback before re-raising). :func:`install_excepthook` -- called by the bundles' ``initialize``
+and by this package's command-line entry points, never at import -- makes an uncaught error print
+``error: <file>: <problem>`` on stderr and exit with status 1, and silences the tracebacks logged on the way
+out; ``CTFM_TRACEBACK=1`` restores both.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
+
+__all__ = ["CTFMError", "ctfm_error_message", "error_line", "install_excepthook"]
 
 _WORKER_ERROR_LINE = re.compile(r"^ctfm\.[\w.]*Error: (.+)$")
 
@@ -39,18 +44,62 @@ def ctfm_error_message(exc: BaseException | None) -> str | None:
     return None
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line reported for ``exc``: a :class:`CTFMError`'s message, an ``OSError``'s file and reason, or
+    the innermost cause's type and first line."""
+    message = ctfm_error_message(exc)
+    if message is not None:
+        return message
+    innermost, seen = exc, set()
+    while id(innermost) not in seen and (innermost.__cause__ or innermost.__context__) is not None:
+        seen.add(id(innermost))
+        innermost = innermost.__cause__ or innermost.__context__
+    for e in (innermost, exc):
+        if isinstance(e, OSError) and e.filename and e.strerror:
+            return f"{e.filename}: {e.strerror}"
+    lines = [line.strip() for line in str(innermost).splitlines() if line.strip()]
+    return f"{type(innermost).__name__}: {lines[0] if lines else 'no message'} (CTFM_TRACEBACK=1 shows the traceback)"
+
+
+def _show_tracebacks() -> bool:
+    return os.environ.get("CTFM_TRACEBACK") == "1"
+
+
+class _DropLoggedTracebacks(logging.Filter):
+    """Drop what ignite and MONAI log about an exception that is on its way out: records carrying a traceback
+    (``StatsHandler``'s ``logger.exception``) and ignite's "... run is terminating due to exception" line.
+    The excepthook prints that exception as one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if _show_tracebacks() or record.levelno < logging.ERROR:
+            return True
+        return not record.exc_info and "is terminating due to exception" not in str(record.msg)
+
+
+_FILTER = _DropLoggedTracebacks()
+
+
 def install_excepthook() -> None:
-    """Report uncaught :class:`CTFMError`\\ s as one line on stderr (idempotent)."""
+    """Report uncaught exceptions as one line on stderr and exit 1 (idempotent).
+
+    Also filters every logging handler configured so far (MONAI's ``logging.conf`` is applied before a bundle's
+    ``initialize`` runs) so that tracebacks logged on the way out are not printed first.
+    """
+    handlers = list(logging.getLogger().handlers)
+    for logger in list(logging.Logger.manager.loggerDict.values()):
+        handlers += getattr(logger, "handlers", [])
+    for handler in handlers:
+        if _FILTER not in handler.filters:
+            handler.addFilter(_FILTER)
     if getattr(sys.excepthook, "_ctfm", False):
         return
     previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
-        message = ctfm_error_message(exc)
-        if message is None or os.environ.get("CTFM_TRACEBACK") == "1":
+        if _show_tracebacks() or issubclass(exc_type, KeyboardInterrupt):
             previous(exc_type, exc, tb)
         else:
-            print(f"error: {message}", file=sys.stderr)
+            print(f"error: {error_line(exc)}", file=sys.stderr)
 
     hook._ctfm = True
     sys.excepthook = hook

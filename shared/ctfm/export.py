@@ -47,6 +47,23 @@ from torch import nn
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 
+__all__ = [
+    "FP32_RELATIVE_TOLERANCE",
+    "INPUT_NAME",
+    "OUTPUT_KINDS",
+    "PREFERRED_PROVIDERS",
+    "OnnxParity",
+    "OnnxRuntimeModule",
+    "check_onnx",
+    "export_onnx",
+    "onnx_runtime_network",
+    "ort_session",
+    "provider_options",
+    "quantize_onnx",
+    "smooth_random_patches",
+    "trt_compile_encoder",
+]
+
 logger = logging.getLogger("ctfm.export")
 
 INPUT_NAME = "image"
@@ -83,7 +100,7 @@ def export_onnx(
     """Write ``module`` as an ONNX graph with input ``image`` ``(batch, in_channels, *patch_size)``, atomically.
 
     Args:
-        module: a :class:`~ctfm.encoder.CTFMEncoder` for ``embedding``/``features``; any network returning one
+        module: a :class:`~ctfm.networks.CTFMEncoder` for ``embedding``/``features``; any network returning one
             tensor for ``logits`` (e.g. MONAI ``SegResNetDS``, which returns one tensor in eval mode).
         path: the ``.onnx`` file; nothing is left there if export fails.
         patch_size: spatial ``(D, H, W)`` in voxels, fixed in the graph (multiples of 16 for the encoder).
@@ -466,5 +483,8 @@ def _quantize_command(model: str, out: str) -> None:
 if __name__ == "__main__":
     import fire
 
+    from ctfm.errors import install_excepthook
+
+    install_excepthook()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     fire.Fire({"onnx": _onnx_command, "quantize": _quantize_command})

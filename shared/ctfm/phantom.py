@@ -23,6 +23,19 @@ import numpy as np
 
 from ctfm.files import atomic_path
 
+__all__ = [
+    "BLEED_HU_RANGE",
+    "BODY_HU",
+    "BODY_LABELS",
+    "HEAD_HU",
+    "HEAD_LABELS",
+    "VERTEBRA_HU_RANGE",
+    "Phantom",
+    "body_phantom",
+    "head_phantom",
+    "write_phantom_nifti",
+]
+
 #: TotalSegmentator v2 ids of the body phantom's organs; vertebrae are VERTEBRA_L5_ID (L5) upwards to 50 (C1).
 BODY_LABELS = {
     "spleen": 1,

@@ -19,6 +19,17 @@ import numpy as np
 
 from ctfm.files import atomic_path
 
+__all__ = [
+    "LEGEND_ENTRIES",
+    "OVERLAY_ALPHA",
+    "SOFT_TISSUE_WINDOW",
+    "label_colours",
+    "render_comparison",
+    "render_preview",
+    "to_lps",
+    "write_embedding_map",
+]
+
 SOFT_TISSUE_WINDOW = (-160.0, 240.0)
 OVERLAY_ALPHA = 0.45
 LEGEND_ENTRIES = 14
@@ -175,3 +186,32 @@ def _centre(labels: np.ndarray) -> tuple[int, int, int]:
     if not foreground[0].size:
         return tuple(int(n // 2) for n in labels.shape)
     return tuple(int(round(float(axis.mean()))) for axis in foreground)
+
+
+def write_embedding_map(volume: np.ndarray, embeddings: np.ndarray, starts: np.ndarray, patch_size: Sequence[int], path: Path) -> None:
+    """PNG of two mid planes of ``volume`` (S, P, L) in [0, 1] with patches tinted by 3 principal components."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centred = embeddings - embeddings.mean(0)
+    components = np.linalg.svd(centred, full_matrices=False)[2][:3] if len(embeddings) > 1 else np.eye(3, embeddings.shape[1])
+    rgb = centred @ components.T
+    rgb = (rgb - rgb.min(0)) / np.maximum(rgb.max(0) - rgb.min(0), 1e-8)
+    rgb = np.pad(rgb, ((0, 0), (0, 3 - rgb.shape[1])))
+    tint = np.zeros((*volume.shape, 3), dtype=np.float32)
+    for (s, p, l), colour in zip(starts, rgb):
+        tint[s : s + patch_size[0], p : p + patch_size[1], l : l + patch_size[2]] = colour
+    mid_p, mid_l = volume.shape[1] // 2, volume.shape[2] // 2
+    planes = {"sagittal (mid L)": (volume[:, :, mid_l], tint[:, :, mid_l]), "coronal (mid P)": (volume[:, mid_p, :], tint[:, mid_p, :])}
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5))
+    for ax, (title, (ct, colour)) in zip(axes, planes.items()):
+        ax.imshow(ct[::-1], cmap="gray", vmin=0.25, vmax=0.45, aspect="auto")  # S up; soft-tissue window in [0, 1]
+        ax.imshow(colour[::-1], alpha=0.35, aspect="auto")
+        ax.set_title(title)
+        ax.axis("off")
+    fig.suptitle(f"{len(embeddings)} patch embeddings, coloured by their first 3 principal components")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=80, bbox_inches="tight")
+    plt.close(fig)

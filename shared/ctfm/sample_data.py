@@ -32,6 +32,28 @@ from pathlib import Path, PurePosixPath
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path, sha256sum
 
+__all__ = [
+    "CLASSES_NAME",
+    "CODES_NAME",
+    "DATASET",
+    "DATASET_NAME",
+    "LICENSE_NAME",
+    "SAMPLES",
+    "SAMPLE_FOLDERS",
+    "SDIST_SHA256",
+    "SOURCE_NAME",
+    "SUMS_NAME",
+    "TOTALSEG_VERSION",
+    "extract_samples",
+    "fetch",
+    "sample_dir",
+    "sample_path",
+    "total_class_map",
+    "totalseg_classes",
+    "totalseg_codes",
+    "verify",
+]
+
 TOTALSEG_VERSION = "2.18.0"
 #: sha256 of the PyPI sdist ``totalsegmentator-<version>.tar.gz`` for each version :func:`fetch` accepts.
 SDIST_SHA256 = {"2.18.0": "5d4223ef93973bc36d710869d11e7742ead2c154c72f7f9edcaaadd5b6c4bd03"}
@@ -72,6 +94,17 @@ CLASSES_NAME = "totalseg_classes.json"
 CODES_NAME = "totalsegmentator_snomed_mapping.csv"
 SUMS_NAME = "SHA256SUMS"
 SOURCE_NAME = "SOURCE.md"
+#: The samples as an MSD-layout ``dataset.json`` (what a bundle's default ``dataset_dir`` reads): the labelled CT
+#: for training, both unlabelled CTs for inference. Written by this module, not part of the sdist.
+DATASET_NAME = "dataset.json"
+DATASET = {
+    "name": f"TotalSegmentator {TOTALSEG_VERSION} sample CTs",
+    "description": "CTs and TotalSegmentator labels from TotalSegmentator's source distribution; see SOURCE.md",
+    "licence": "Apache-2.0 (LICENSE.TotalSegmentator)",
+    "modality": {"0": "CT"},
+    "training": [{"image": "example_ct.nii.gz", "label": "example_seg_fast_force_split.nii.gz"}],
+    "test": ["example_ct.nii.gz", "example_ct_dicom"],
+}
 
 
 def sample_dir() -> Path:
@@ -204,6 +237,7 @@ def extract_samples(sdist: str | os.PathLike, dest: str | os.PathLike, version: 
                     shutil.copyfileobj(src, dst)
             classes = total_class_map(tar.extractfile(by_name[class_map_name]).read().decode("utf-8"))
             (out / CLASSES_NAME).write_text(json.dumps({str(k): classes[k] for k in sorted(classes)}, indent=1) + "\n")
+            (out / DATASET_NAME).write_text(json.dumps(DATASET, indent=1) + "\n")
             (out / SOURCE_NAME).write_text(_source_markdown(version, sha256sum(sdist), root, len(classes)))
             sums = [f"{sha256sum(out / rel)}  {rel}\n" for rel in _relative_files(out)]
             (out / SUMS_NAME).write_text("".join(sums))
@@ -251,13 +285,17 @@ def _source_markdown(version: str, sdist_sha256: str, root: str, n_classes: int)
         f"| `{CLASSES_NAME}` | parsed from `{root}/totalsegmentator/map_to_binary.py` | `class_map[\"total\"]`: "
         f"label id -> name for the {n_classes} TotalSegmentator v2 classes |"
     )
+    rows.append(
+        f"| `{DATASET_NAME}` | written by `ctfm.sample_data` | the samples in MSD's `dataset.json` layout: "
+        "`training` = the labelled CT, `test` = the two CTs a bundle's inference reads by default |"
+    )
     return "\n".join([
         "# Where these files came from",
         "",
         f"Package: TotalSegmentator {version}, source distribution `{sdist}` from PyPI",
         f"(sha256 `{sdist_sha256}`). Licence: Apache-2.0, see `{LICENSE_NAME}`. Files are byte-for-byte copies",
-        "of the sdist members named below, except `totalseg_classes.json`, which is derived. Re-create this folder",
-        "with `python -m ctfm.sample_data fetch DEST` and check it with `python -m ctfm.sample_data verify`.",
+        "of the sdist members named below, except `totalseg_classes.json` (derived) and `dataset.json` (written",
+        "here). Re-create this folder with `python -m ctfm.sample_data fetch DEST` and check it with `python -m ctfm.sample_data verify`.",
         "",
         "The segmentations (`example_seg*`) are TotalSegmentator model output: reference labels, not ground truth.",
         "",
@@ -272,6 +310,9 @@ def _source_markdown(version: str, sdist_sha256: str, root: str, n_classes: int)
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m ctfm.sample_data verify | fetch DEST | path NAME``."""
+    from ctfm.errors import install_excepthook
+
+    install_excepthook()
     parser = argparse.ArgumentParser(prog="python -m ctfm.sample_data", description="The packaged CT samples.")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("verify", help="check the installed samples against SHA256SUMS")

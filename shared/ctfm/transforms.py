@@ -8,19 +8,36 @@ Head CT stacks several HU windows as channels instead of the single scaling.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
     Compose,
     CropForegroundd,
+    InvertibleTransform,
     MapTransform,
     Orientationd,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
+
+__all__ = [
+    "AIR_HU",
+    "AXIS_LABELS",
+    "CTFM_SPACING_MM",
+    "HEAD_CT_WINDOWS",
+    "HU_MAX",
+    "HU_MIN",
+    "ORIENTATION",
+    "CTFMPreprocessd",
+    "HUWindowsd",
+    "HideStringSiblingsd",
+    "ScaleHUd",
+    "inline_composes",
+]
 
 ORIENTATION = "SPL"
 #: Axis letters in MONAI's classic sense (L-R, P-A, I-S), stated so that "SPL" keeps one meaning across versions.
@@ -103,3 +120,45 @@ class CTFMPreprocessd(Compose):
                 steps.append(SpatialPadd(labels, spatial_size=tuple(min_size), value=0))
         steps.append(HUWindowsd(images, windows) if windows is not None else ScaleHUd(images))
         super().__init__(steps)
+
+
+def inline_composes(transform: Callable) -> Compose:
+    """A flat ``Compose`` with every nested ``Compose`` (subclasses such as ``CTFMPreprocessd`` included) inlined.
+
+    ``CacheDataset`` caches up to the first ``Randomizable`` transform and MONAI counts every ``Compose`` as one,
+    while ``Compose.flatten`` inlines only exact ``Compose`` instances: without this, a nested
+    ``CTFMPreprocessd`` (orientation, resampling, cropping) and everything after it would run on every
+    iteration instead of once.
+    """
+    steps = transform.transforms if isinstance(transform, Compose) else [transform]
+    flat = []
+    for step in steps:
+        flat += inline_composes(step).transforms if isinstance(step, Compose) else [step]
+    return Compose(flat)
+
+
+class HideStringSiblingsd(InvertibleTransform, MapTransform):
+    """Run ``transform`` with string entries named ``<key>_*`` (MONAI Label's ``image_path``) set aside.
+
+    monai 1.6.1's ``Spacingd`` calls ``.update()`` on every ``<key>_*`` entry of a NIfTI input, which fails on
+    MONAI Label's ``image_path`` string. Wrapping the preprocessing in this transform keeps a bundle with
+    ``Spacingd`` usable from MONAI Label; inversion is delegated unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection, transform: Callable):
+        MapTransform.__init__(self, keys, allow_missing_keys=True)
+        self.transform = transform
+
+    def __call__(self, data: Mapping[Hashable, object]) -> dict:
+        d = dict(data)
+        hidden = {
+            k: d.pop(k)
+            for k in list(d)
+            if isinstance(k, str) and isinstance(d[k], (str, os.PathLike)) and any(k.startswith(f"{key}_") for key in self.keys)
+        }
+        out = dict(self.transform(d))
+        out.update(hidden)
+        return out
+
+    def inverse(self, data: Mapping[Hashable, object]) -> dict:
+        return self.transform.inverse(data)

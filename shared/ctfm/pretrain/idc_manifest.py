@@ -28,8 +28,8 @@ NLM terms) is not filtered either; it is written to ``series.csv`` for whoever n
 
 Command line (both print the series per collection and what each filter step removed)::
 
-    python -m ctfm.idc_manifest counts [--ct_index PATH] [--volume_geometry_index PATH]
-    python -m ctfm.idc_manifest write --out DIR [--ct_index PATH] [--volume_geometry_index PATH]
+    python -m ctfm.pretrain.idc_manifest counts [--ct_index PATH] [--volume_geometry_index PATH]
+    python -m ctfm.pretrain.idc_manifest write --out DIR [--ct_index PATH] [--volume_geometry_index PATH]
         [--collections nlst,eay131] [--exclude_collections phantom_fda] [--limit N] [--seed 0]
         [--idc_index PATH]
 
@@ -54,6 +54,31 @@ import pyarrow.parquet as pq
 
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
+
+__all__ = [
+    "CT_INDEX_COLUMNS",
+    "INDEX_COLUMNS",
+    "MANIFEST_NAME",
+    "MIN_SLICES_EXCLUSIVE",
+    "SELECTION_JSON_NAME",
+    "SERIES_CSV_NAME",
+    "THICKNESS_RANGE_MM",
+    "VOLUME_GEOMETRY_COLUMNS",
+    "Funnel",
+    "FunnelStep",
+    "Selection",
+    "collection_names",
+    "column_as",
+    "counts_per_collection",
+    "default_index_path",
+    "format_report",
+    "manifest_lines",
+    "read_table",
+    "select_series",
+    "thickness_and_localizer_per_series",
+    "unique_positions_per_series",
+    "write_selection",
+]
 
 #: Slice thickness range CT-FM kept, in mm, both ends included.
 THICKNESS_RANGE_MM = (1.0, 5.0)
@@ -404,4 +429,7 @@ def write(
 
 
 if __name__ == "__main__":
+    from ctfm.errors import install_excepthook
+
+    install_excepthook()
     fire.Fire({"counts": counts, "write": write})

@@ -5,6 +5,10 @@ blocks whose feature maps have ``init_filters * 2**i`` channels at stride ``2**i
 model uses ``init_filters=32`` (77,760,992 parameters, 512-d embedding); a smaller width gives the same
 architecture for CPU tests and demos. State-dict keys are exactly MONAI's, so published weights load without
 any key surgery (see :mod:`ctfm.checkpoint`).
+
+Two classes share those keys: :class:`CTFMEncoder`, whose forward returns the five maps (what ``SegResNetDS``
+and the exporters consume), and :class:`CTFMEmbeddingEncoder`, whose forward returns the pooled embedding
+(what a bundle declares as its network when its output is an embedding). Both script with TorchScript.
 """
 
 from __future__ import annotations
@@ -13,7 +17,15 @@ from collections.abc import Sequence
 
 import torch
 from monai.networks.nets.segresnet_ds import SegResEncoder
-from torch import nn
+
+__all__ = [
+    "CTFM_BLOCKS_DOWN",
+    "CTFM_INIT_FILTERS",
+    "SIZE_DIVISOR",
+    "CTFMEmbeddingEncoder",
+    "CTFMEncoder",
+    "check_spatial_size",
+]
 
 CTFM_BLOCKS_DOWN = (1, 2, 2, 4, 4)
 CTFM_INIT_FILTERS = 32
@@ -31,7 +43,10 @@ class CTFMEncoder(SegResEncoder):
         blocks_down: residual blocks per level; CT-FM uses ``(1, 2, 2, 4, 4)``.
 
     Input: ``(B, in_channels, D, H, W)`` with D, H, W divisible by :data:`SIZE_DIVISOR`.
+    ``forward`` returns the five maps, shallow to deep (MONAI's contract, which ``SegResNetDS`` relies on).
     """
+
+    __jit_unused_properties__ = ["config", "embedding_dim"]
 
     def __init__(
         self,
@@ -64,50 +79,31 @@ class CTFMEncoder(SegResEncoder):
 
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Dense maps, shallow to deep: ``init_filters * 2**i`` channels at stride ``2**i``."""
-        check_spatial_size(x.shape[2:])
-        return self(x)
+        if not torch.jit.is_scripting():
+            check_spatial_size(x.shape[2:])
+        return self._forward(x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding ``(B, embedding_dim)``: global average of the deepest map."""
-        return self.feature_maps(x)[-1].mean(dim=tuple(range(2, x.ndim)))
-
-    def patch_embeddings(
-        self, volume: torch.Tensor, patch_size: Sequence[int] = (24, 128, 128), overlap: float = 0.0, batch_size: int = 4
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Embed a whole preprocessed CT ``(C, D, H, W)`` patch by patch: ``(P, embedding_dim)`` embeddings and
-        ``(P, 3)`` patch start indices (see :func:`ctfm.embedding.sliding_patch_embeddings`)."""
-        from ctfm.embedding import sliding_patch_embeddings
-
-        device = next(self.parameters()).device
-        return sliding_patch_embeddings(lambda x: self.embed(x.to(device)), volume, patch_size, overlap, batch_size)
+        return self.feature_maps(x)[-1].flatten(2).mean(-1)
 
 
-class ProjectionHead(nn.Sequential):
-    """SimCLR projection head of CT-FM pre-training: ``in -> hidden -> ReLU -> out``, no BatchNorm."""
+class CTFMEmbeddingEncoder(CTFMEncoder):
+    """:class:`CTFMEncoder` whose ``forward`` is :meth:`~CTFMEncoder.embed`: ``(B, C, D, H, W) -> (B, embedding_dim)``.
 
-    def __init__(self, in_features: int = 512, hidden_features: int = 256, out_features: int = 128):
-        super().__init__(
-            nn.Linear(in_features, hidden_features), nn.ReLU(inplace=True), nn.Linear(hidden_features, out_features)
-        )
+    Same arguments and state-dict keys as :class:`CTFMEncoder`, so every encoder checkpoint loads into it.
+    """
 
-
-class ContrastiveModel(nn.Module):
-    """Encoder + projection head, the module pre-training optimises: ``(B, C, D, H, W) -> (B, out_features)``."""
-
-    def __init__(self, backbone: CTFMEncoder, projection_head: ProjectionHead | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.projection_head = projection_head or ProjectionHead(backbone.embedding_dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.projection_head(self.backbone.embed(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.embed(x)
 
 
 def check_spatial_size(spatial_shape: Sequence[int]) -> None:
     """Raise ``ValueError`` unless every spatial size is a positive multiple of :data:`SIZE_DIVISOR`."""
     bad = [int(s) for s in spatial_shape if int(s) <= 0 or int(s) % SIZE_DIVISOR]
     if bad:
+        shape = tuple(int(s) for s in spatial_shape)
         raise ValueError(
-            f"CT-FM encoder input spatial shape {tuple(int(s) for s in spatial_shape)} must be multiples of "
-            f"{SIZE_DIVISOR}; pad or crop the volume first (e.g. DivisiblePadd(k={SIZE_DIVISOR}))"
+            f"CT-FM encoder input spatial shape {shape} must be multiples of {SIZE_DIVISOR}; "
+            f"pad or crop the volume first (e.g. DivisiblePadd(k={SIZE_DIVISOR}))"
         )

@@ -32,7 +32,9 @@ from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 from ctfm.sample_data import totalseg_codes
 
-logger = logging.getLogger("ctfm.dicom_seg")
+__all__ = ["ALGORITHM_NAME", "build_dicom_seg", "read_series_headers", "segment_description", "write_dicom_seg"]
+
+logger = logging.getLogger("ctfm.segmentation")
 
 ALGORITHM_NAME = "ctfm_segmentation"
 #: LPS (DICOM patient coordinates) <-> RAS (NIfTI / MONAI affines): flip x and y.

@@ -21,6 +21,8 @@ from monai.transforms import MapTransform, RandomizableTransform
 
 from ctfm.transforms import HU_MAX, HU_MIN
 
+__all__ = ["RandAxialSlabd", "RandLabelContrastd"]
+
 
 class RandLabelContrastd(RandomizableTransform, MapTransform):
     """Add an independent uniform HU offset to the voxels of each label present; background is unchanged.

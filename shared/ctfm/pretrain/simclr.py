@@ -27,6 +27,8 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from torch import nn
 
+__all__ = ["VIEW_KEYS", "IntraSampleNTXentLoss", "IntraSampleViewsd", "prepare_views"]
+
 VIEW_KEYS = ("view0", "view1")
 
 

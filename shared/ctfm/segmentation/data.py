@@ -7,7 +7,8 @@ Layouts (``layout`` of :func:`load_segmentation_data`):
   uint8 label map with TotalSegmentator's label ids (:func:`merge_subject`), written once to a cache folder and
   reused while it is newer than every mask.
 - ``"nifti"``: multi-label NIfTI pairs, from a datalist JSON (a list, or MONAI's decathlon layout with a
-  ``"training"`` section and optionally ``"labels": {"1": "spleen", ...}``) or an in-memory list. Label ids
+  ``"training"`` section and optionally ``"labels": {"1": "spleen", ...}``), a folder holding such a
+  ``dataset.json`` (the shipped sample folder), or an in-memory list. Label ids
   are TotalSegmentator's unless the JSON names its own.
 - ``"msd"``: a Medical Segmentation Decathlon ``dataset.json``. ``labels`` picks the task's label ids to keep
   (e.g. ``[2]`` for Task07_Pancreas' tumour only); they are renumbered 1, 2, ... in the order given and every
@@ -41,7 +42,24 @@ from monai.utils import ImageMetaKey
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 
-logger = logging.getLogger("ctfm.totalseg")
+__all__ = [
+    "AFFINE_TOLERANCE_MM",
+    "CT_NAME",
+    "LAYOUTS",
+    "MASK_FOLDER",
+    "AlignLabeld",
+    "RemapLabelsd",
+    "SegmentationData",
+    "check_pair",
+    "find_subjects",
+    "load_segmentation_data",
+    "merge_subject",
+    "sample_evaluation_data",
+    "sample_training_data",
+    "select_subjects",
+]
+
+logger = logging.getLogger("ctfm.segmentation")
 
 LAYOUTS = ("totalseg", "nifti", "msd")
 CT_NAME = "ct.nii.gz"
@@ -74,6 +92,7 @@ class SegmentationData:
 def load_segmentation_data(
     layout: str,
     source: str | os.PathLike | Sequence[Mapping],
+    datalist: str | os.PathLike | Sequence | None = None,
     labels: Sequence[int] | None = None,
     fraction: float | None = None,
     num_subjects: int | None = None,
@@ -86,7 +105,9 @@ def load_segmentation_data(
     Args:
         layout: ``"totalseg"`` (``source`` = root folder of subjects), ``"nifti"`` (datalist JSON or a list of
             ``{"image", "label"}`` dicts) or ``"msd"`` (``source`` = ``dataset.json`` or its folder).
-        source: where the data is, as above.
+        source: where the data is, as above (a bundle's ``dataset_dir``).
+        datalist: ``"nifti"`` only: what to read in ``source``, as :func:`ctfm.datalist.find_inputs` takes it (a
+            JSON, a list of ``{"image", "label"}`` dicts); ``None`` reads ``source``'s ``dataset.json``.
         labels: MSD only: the dataset.json label ids to keep, in the order they get ids 1, 2, ...
         fraction: keep this fraction (0, 1] of the subjects, at least one.
         num_subjects: keep this many subjects.
@@ -108,7 +129,7 @@ def load_segmentation_data(
         items = [{"image": str(s / CT_NAME), "label": str(merge_subject(s, cache, class_names))} for s in subjects]
         data = SegmentationData(items, class_names, None, layout, str(source))
     elif layout == "nifti":
-        items, class_names = _nifti_items(source, section)
+        items, class_names = _nifti_items(source, datalist, section)
         data = SegmentationData(select_subjects(items, fraction, num_subjects, seed), class_names, None, layout, str(source))
     else:
         items, class_names, mapping = _msd_items(source, labels, section)
@@ -248,24 +269,41 @@ def check_pair(image_path: str | os.PathLike, label_path: str | os.PathLike) -> 
 class RemapLabelsd(MapTransform):
     """Renumber label ids: ``mapping`` source id -> new id; ids not in ``mapping`` become 0 (background).
 
-    ``mapping=None`` leaves labels unchanged (so a config can always include the step).
+    ``mapping=None`` leaves labels unchanged (so a config can always include the step). With ``num_classes``, a
+    label map holding an id outside ``0 .. num_classes - 1`` (after renumbering), or a fractional one, is refused
+    with one line naming its file, before it reaches a loss that would fail with an index error.
     """
 
-    def __init__(self, keys: KeysCollection, mapping: Mapping[int, int] | None = None, allow_missing_keys: bool = False):
+    def __init__(
+        self,
+        keys: KeysCollection,
+        mapping: Mapping[int, int] | None = None,
+        num_classes: int | None = None,
+        allow_missing_keys: bool = False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.mapping = None if mapping is None else {int(k): int(v) for k, v in mapping.items()}
+        self.num_classes = None if num_classes is None else int(num_classes)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
-        if self.mapping is None:
-            return d
         for key in self.key_iterator(d):
             label = d[key]
-            out = torch.zeros_like(label)
-            for src, dst in self.mapping.items():
-                out[label == src] = dst
-            d[key] = out
+            if self.mapping is not None:
+                out = torch.zeros_like(label)
+                for src, dst in self.mapping.items():
+                    out[label == src] = dst
+                label = d[key] = out
+            if self.num_classes is not None:
+                self._check_range(label)
         return d
+
+    def _check_range(self, label: torch.Tensor) -> None:
+        values = torch.unique(torch.as_tensor(label))
+        bad = [v for v in values.tolist() if v != int(v) or not 0 <= v < self.num_classes]
+        if bad:
+            shown = ", ".join(f"{v:g}" for v in bad[:5]) + (" ..." if len(bad) > 5 else "")
+            raise CTFMError(f"{_name(label)}: label values {shown} outside the {self.num_classes} classes 0..{self.num_classes - 1}")
 
 
 class AlignLabeld(MapTransform):
@@ -310,14 +348,15 @@ class AlignLabeld(MapTransform):
         return d
 
 
-def _nifti_items(source, section: str) -> tuple[list[dict], dict[int, str]]:
-    if isinstance(source, (list, tuple)):
-        items, names = [dict(i) for i in source], None
-    else:
-        from ctfm.datalist import load_datalist
+def _nifti_items(source, datalist, section: str) -> tuple[list[dict], dict[int, str]]:
+    from ctfm.datalist import find_inputs
 
-        items = load_datalist(source, section=section)
-        names = _json_labels(Path(source)) if Path(source).is_file() else None
+    if isinstance(source, (list, tuple)):  # an in-memory datalist
+        source, datalist = ".", list(source)
+    items = find_inputs(source, datalist, section=section)
+    listing = Path(source) / datalist if isinstance(datalist, (str, os.PathLike)) else Path(source)
+    listing = listing / "dataset.json" if listing.is_dir() else listing
+    names = _json_labels(listing) if listing.suffix == ".json" and listing.is_file() else None
     missing = [i for i in items if "label" not in i]
     if missing:
         raise CTFMError(f"{source}: entry without a 'label' key: {missing[0]}")

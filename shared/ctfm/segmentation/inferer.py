@@ -25,7 +25,9 @@ from monai.data.utils import compute_importance_map, dense_patch_slices
 from monai.inferers import Inferer
 from monai.utils import ensure_tuple_rep
 
-logger = logging.getLogger("ctfm.sliding_window")
+__all__ = ["FINALISE_BYTES", "LabelMapSlidingWindowInferer", "buffer_bytes", "label_dtype", "scan_interval"]
+
+logger = logging.getLogger("ctfm.segmentation")
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 #: Size cap of the float32 temporary that turns finished rows into labels, in bytes.

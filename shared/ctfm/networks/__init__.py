@@ -1,0 +1,22 @@
+"""Every network of the zoo, built on the one CT-FM encoder; no file I/O here (weights: :mod:`ctfm.weights`).
+
+- :mod:`ctfm.networks.encoder` -- :class:`CTFMEncoder` (five feature maps) and :class:`CTFMEmbeddingEncoder`
+  (pooled embedding), one state-dict layout.
+- :mod:`ctfm.networks.contrastive` -- encoder + SimCLR projection head (``ctfm_pretrain``).
+- :mod:`ctfm.networks.segresnet` -- ``SegResNetDS`` on the encoder (``ctfm_segmentation``).
+"""
+
+from ctfm.networks.contrastive import ContrastiveModel, ProjectionHead
+from ctfm.networks.encoder import SIZE_DIVISOR, CTFMEmbeddingEncoder, CTFMEncoder, check_spatial_size
+from ctfm.networks.segresnet import TOTALSEG_NUM_CLASSES, CTFMSegResNetDS
+
+__all__ = [
+    "SIZE_DIVISOR",
+    "TOTALSEG_NUM_CLASSES",
+    "CTFMEmbeddingEncoder",
+    "CTFMEncoder",
+    "CTFMSegResNetDS",
+    "ContrastiveModel",
+    "ProjectionHead",
+    "check_spatial_size",
+]

@@ -1,0 +1,141 @@
+"""MONAI's bundle contract, checked in-process with MONAI's own code (as the model zoo's unit tests do).
+
+Every config of every bundle passes ``ConfigWorkflow.check_properties()``; ``monai.bundle.load`` with its default
+arguments returns the shipped weights; a bundle copied elsewhere finds its own folder; a misspelt command-line
+id stops the run; importing ``ctfm`` changes nothing in the host process.
+"""
+
+import json
+import logging
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import monai.bundle
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from safetensors.torch import load_file
+
+from ctfm.bundle import check_overrides, config_ids
+from ctfm.errors import CTFMError
+from ctfm.weights import fetch
+
+ROOT = Path(__file__).resolve().parents[1]
+BUNDLES = ROOT / "bundles"
+#: (bundle, config files, workflow type): every base config and every override that runs on one machine.
+WORKFLOWS = [
+    ("ctfm_pretrain", ["inference.json"], "infer"),
+    ("ctfm_pretrain", ["inference.json", "inference_onnx.json"], "infer"),
+    ("ctfm_pretrain", ["inference.json", "inference_trt.json"], "infer"),
+    ("ctfm_pretrain", ["train.json"], "train"),
+    ("ctfm_pretrain", ["train.json", "train_ctfm.json"], "train"),
+    ("ctfm_segmentation", ["inference.json"], "infer"),
+    ("ctfm_segmentation", ["inference.json", "inference_onnx.json"], "infer"),
+    ("ctfm_segmentation", ["inference.json", "inference_trt.json"], "infer"),
+    ("ctfm_segmentation", ["train.json"], "train"),
+    ("ctfm_segmentation", ["train.json", "evaluate.json"], "infer"),
+]
+
+
+@pytest.fixture(scope="module")
+def weights_cache(tmp_path_factory) -> Path:
+    """A weights cache holding the pre-training demo encoder, as ``python -m ctfm.weights fetch`` makes it."""
+    cache = tmp_path_factory.mktemp("weights")
+    fetch("ctfm_pretrain_demo", source=BUNDLES / "ctfm_pretrain", dest=cache / "ctfm_pretrain_demo")
+    return cache
+
+
+@pytest.fixture
+def workflow(monkeypatch, weights_cache):
+    """Build and initialise a ``ConfigWorkflow``; restores what a config's ``initialize`` sets process-wide."""
+    monkeypatch.setenv("CTFM_WEIGHTS_DIR", str(weights_cache))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    handlers = logging.getLogger().handlers
+    filters = [list(h.filters) for h in handlers]
+
+    def make(bundle, configs, workflow_type, **override):
+        files = [str(BUNDLES / bundle / "configs" / c) for c in configs]
+        w = ConfigWorkflow(config_file=files, workflow_type=workflow_type, logging_file=False, **override)
+        w.initialize()
+        return w
+
+    yield make
+    for handler, kept in zip(handlers, filters):
+        handler.filters[:] = kept
+
+
+@pytest.mark.parametrize("bundle, configs, workflow_type", WORKFLOWS, ids=lambda v: v if isinstance(v, str) else "+".join(v))
+def test_check_properties_finds_nothing_missing(workflow, bundle, configs, workflow_type):
+    w = workflow(bundle, configs, workflow_type)
+    assert w.check_properties() == []
+    assert w.bundle_root == str(BUNDLES / bundle)  # the folder the config was read from
+
+
+def test_every_config_file_is_covered():
+    covered = {(b, c) for b, configs, _ in WORKFLOWS for c in configs}
+    needs_more = {"multi_gpu_train.json", "inference_ctfm_whole_body.json"}  # torchrun / CT-FM's published weights
+    for config in BUNDLES.glob("*/configs/*.json"):
+        if config.name != "metadata.json" and config.name not in needs_more:
+            assert (config.parents[1].name, config.name) in covered, config
+
+
+def test_monai_bundle_load_with_defaults_returns_the_shipped_weights(tmp_path):
+    for name, shipped in [
+        ("ctfm_pretrain", "models/encoder_hf/model.safetensors"),
+        ("ctfm_segmentation", "models/model.pt"),
+    ]:
+        shutil.copytree(BUNDLES / name, tmp_path / name, ignore=shutil.ignore_patterns("eval", "runs"))
+        network = monai.bundle.load(name, bundle_dir=str(tmp_path))
+        path = tmp_path / name / shipped
+        expected = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+        state = network.state_dict()
+        assert sorted(state) == sorted(expected)
+        assert all(torch.equal(state[k], expected[k]) for k in expected), name
+
+
+def test_a_copied_bundle_uses_its_own_folder(tmp_path, workflow):
+    shutil.copytree(BUNDLES / "ctfm_segmentation", tmp_path / "copy", ignore=shutil.ignore_patterns("eval"))
+    files = [str(tmp_path / "copy" / "configs" / "inference.json")]
+    w = ConfigWorkflow(config_file=files, workflow_type="infer", logging_file=False)
+    w.initialize()
+    assert w.bundle_root == str(tmp_path / "copy")
+    assert w.parser.get_parsed_content("ckpt_path") == str(tmp_path / "copy" / "models" / "model.pt")
+    assert w.parser.get_parsed_content("output_dir") == str(tmp_path / "copy" / "eval")
+
+
+def test_unknown_override_ids_are_refused_and_known_ones_pass(tmp_path):
+    config = tmp_path / "inference.json"
+    config.write_text(json.dumps({"dataset_dir": ".", "network_def": {"_target_": "Net", "width": 4}, "train": {"lr": 1}}))
+    check_overrides({"dataset_dir": "x", "network_def#width": 8, "train::lr": 2, "config_file": "y"}, config)
+    check_overrides({"network_def#depth": 3}, config)  # a new argument of a component: the component judges it
+    with pytest.raises(CTFMError, match=r"inference.json: no config of this run defines --dataset_dirr, --train#lrr"):
+        check_overrides({"dataset_dirr": "x", "train#lrr": 1}, str(config))
+    assert {"network_def", "network_def#width", "train#lr"} <= config_ids(json.loads(config.read_text()))
+
+
+def test_check_overrides_reads_every_config_file_of_the_run(tmp_path):
+    base, override = tmp_path / "a.json", tmp_path / "b.json"
+    base.write_text(json.dumps({"x": 1}))
+    override.write_text(json.dumps({"onnx_path": "m.onnx"}))
+    check_overrides({"onnx_path": "n.onnx", "x": 2}, f"['{base}', '{override}']")
+    with pytest.raises(CTFMError, match="onnx_path"):
+        check_overrides({"onnx_path": "n.onnx"}, str(base))
+
+
+def test_importing_ctfm_changes_nothing_in_the_host_process():
+    code = (
+        "import logging, sys\n"
+        "import ctfm, ctfm.networks, ctfm.weights, ctfm.engine, ctfm.ct_io, ctfm.embedding, ctfm.bundle\n"
+        "import ctfm.segmentation.outputs, ctfm.segmentation.evaluation, ctfm.pretrain.simclr\n"
+        "assert sys.excepthook is sys.__excepthook__\n"
+        "assert not any(h.filters for h in logging.getLogger().handlers)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_every_module_declares_its_public_names():
+    for path in (ROOT / "shared" / "ctfm").rglob("*.py"):
+        assert "__all__" in path.read_text(), path
