@@ -237,10 +237,11 @@ def check(tool: str, bundle: Path, ct: Path, min_agreement: float, port: int) ->
         if not tool_out.is_file():
             raise SystemExit(f"{tool_out}: {names[tool]} wrote no label map")
         command = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(bundle / "configs/inference.json"),
-                   "--bundle_root", str(bundle), "--input_path", str(ct), "--output_dir", str(work / "bundle_run"),
+                   "--bundle_root", str(bundle), "--dataset_dir", str(ct.parent), "--datalist", ct.name,
+                   "--output_dir", str(work / "bundle_run"),
                    "--write_preview", "False"]
         subprocess.run(command, check=True)
-        bundle_out = WriteSegmentationd(output_dir=work / "bundle_run").outputs_for(ct)["nifti"]
+        bundle_out = WriteSegmentationd(output_dir=work / "bundle_run", data_root_dir=ct.parent).outputs_for(ct)["nifti"]
         fraction, voxels, structures = agreement(tool_out, bundle_out)
     verdict = "PASS" if fraction >= min_agreement and structures > 0 else "FAIL"
     print(f"{verdict}: {names[tool]} and monai.bundle run give the same label for {100 * fraction:.4f}% of {voxels} "

@@ -6,6 +6,7 @@ Inference and evaluation use the shipped weights; training starts from a tiny pr
 import csv
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -172,3 +173,29 @@ def test_multi_gpu_train_runs_with_torchrun_two_cpu_processes(tmp_path, tiny_enc
     )
     assert (tmp_path / "models" / "model.pt").is_file()
     load_network(CTFMSegResNetDS(init_filters=4), tmp_path / "models" / "model.pt")
+
+
+def test_a_copied_bundle_segments_a_zoo_dataset_dir_from_another_directory(tmp_path):
+    """The model zoo's layout and command: `--dataset_dir DIR` with imagesTs/*.nii.gz, no --bundle_root, run from
+    elsewhere on a copy of the bundle: DIR's CTs are segmented into the copy's own eval/ with the copy's weights."""
+    copy = tmp_path / "zoo" / "ctfm_segmentation"
+    shutil.copytree(BUNDLE, copy, ignore=shutil.ignore_patterns("eval", "runs"))
+    data = tmp_path / "data"
+    (data / "imagesTs").mkdir(parents=True)
+    shutil.copy(sample_path("example_ct_sm.nii.gz"), data / "imagesTs" / "case_a.nii.gz")
+    shutil.copy(sample_path("example_ct_sm.nii.gz"), data / "imagesTs" / "case_b.nii.gz")
+    (tmp_path / "elsewhere").mkdir()
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(copy / "configs" / "inference.json"),
+           "--dataset_dir", str(data), "--write_preview", "False"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=tmp_path / "elsewhere")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    outputs = sorted(p.relative_to(copy / "eval").as_posix() for p in (copy / "eval").rglob("*") if p.is_file())
+    assert outputs == ["imagesTs/case_a_seg.nii.gz", "imagesTs/case_b_seg.nii.gz"]
+    assert str(copy / "models" / "model.pt") in proc.stdout + proc.stderr  # the copy's own weights
+    assert not (BUNDLE / "eval" / "imagesTs").exists() and not any((tmp_path / "elsewhere").iterdir())
+
+
+def test_a_misspelt_id_stops_the_run_in_one_line(tmp_path):
+    proc = run_bundle(["inference.json"], check=False, dataset_dirr=tmp_path, output_dir=tmp_path / "out")
+    assert error_line(proc) == f"error: {CONFIGS / 'inference.json'}: no config of this run defines --dataset_dirr (a misspelt id is otherwise ignored)"
+    assert not (tmp_path / "out").exists()
