@@ -17,7 +17,6 @@ deflate level 9; members are sorted by path, there are no directory entries. The
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import stat
@@ -27,6 +26,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from verify_bundle import check_symlinks, verify  # noqa: E402
+
+from ctfm.files import sha256sum  # noqa: E402
 
 EXCLUDED_PARTS = {"checkpoints", "runs", "eval", "__pycache__", ".cache"}
 #: exports built from the weights (git ignores ``bundles/*/models/*.{ts,onnx,engine,plan}``): a clone has none
@@ -38,11 +39,21 @@ COMPRESS_LEVEL = 9
 _UNIX = 3  # ZipInfo.create_system: external_attr holds Unix mode bits
 
 
+def _large_files(bundle: Path) -> set[str]:
+    """The paths ``large_files.yml`` lists, relative to the bundle."""
+    import yaml
+
+    path = bundle / "large_files.yml"
+    entries = (yaml.safe_load(path.read_text()) or {}).get("large_files", []) if path.is_file() else []
+    return {Path(e["path"]).as_posix() for e in entries if isinstance(e, dict) and e.get("path")}
+
+
 def bundle_files(bundle: Path) -> list[Path]:
     """The files to pack, sorted by their path inside the bundle. SystemExit on any symlink in the bundle."""
     links = check_symlinks(bundle)
     if links:
         raise SystemExit("\n".join(links) + f"\n{bundle}: not packaged (symlinks are refused)")
+    large = _large_files(bundle)
     files = []
     for root, dirs, names in os.walk(bundle):
         rel_root = Path(root).relative_to(bundle)
@@ -50,6 +61,8 @@ def bundle_files(bundle: Path) -> list[Path]:
         for name in names:
             path = Path(root, name)
             if name.startswith(".") or path.suffix in EXCLUDED_SUFFIXES or EXCLUDED_PARTS & set(rel_root.parts):
+                continue
+            if (rel_root / name).as_posix() in large:  # fetched by the registry, not packed (e.g. after download_large_files)
                 continue
             files.append(path)
     return sorted(files, key=lambda p: p.relative_to(bundle).as_posix())
@@ -82,14 +95,6 @@ def write_zip(bundle: Path, target: Path) -> Path:
     return target
 
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def package(bundle: Path, out_dir: Path, check: bool = True) -> Path:
     """Verify ``bundle`` (unless ``check`` is False) and write its zip; return its path."""
     bundle = Path(bundle)
@@ -109,7 +114,7 @@ def main(argv: list[str]) -> int:
     bundles = args.bundles or sorted(p for p in Path("bundles").iterdir() if p.is_dir())
     for bundle in bundles:
         target = package(bundle, args.out)
-        print(f"{sha256_of(target)}  {target}")  # sha256sum's format: check with `sha256sum -c`
+        print(f"{sha256sum(target)}  {target}")  # sha256sum's format: check with `sha256sum -c`
     return 0
 
 

@@ -101,6 +101,8 @@ from monai.bundle import ConfigParser
 from monai.utils import get_equivalent_dtype
 from packaging.version import InvalidVersion, Version
 
+from ctfm.files import sha256sum
+
 CI_DIR = Path(__file__).resolve().parent
 #: Metadata schemas stored here (see SCHEMAS.md): file name -> sha256 of the file.
 SCHEMAS = {"meta_schema_20240725.json": "cd64aa8a5904426f6fc6855dabe46af8c742d5bad644b4e9cfb78ebad09ad678"}
@@ -143,14 +145,6 @@ def config_files(bundle: Path) -> list[Path]:
 def base_of(config: Path) -> str:
     stem = config.stem
     return OVERRIDE_BASES.get(stem) or ("inference" if stem.startswith("inference_") else "train")
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _load_metadata(bundle: Path) -> tuple[dict | None, list[str]]:
@@ -246,7 +240,7 @@ def local_schema(meta: dict, where: Path | str) -> tuple[Path | None, list[str]]
     path = CI_DIR / name
     if not path.is_file():
         return None, [f"{path}: missing (see ci/SCHEMAS.md)"]
-    if sha256_of(path) != SCHEMAS[name]:
+    if sha256sum(path) != SCHEMAS[name]:
         return None, [f"{path}: sha256 differs from the one recorded in ci/SCHEMAS.md ({SCHEMAS[name]})"]
     return path, []
 

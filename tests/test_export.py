@@ -7,8 +7,10 @@ real mistake (BatchNorm in training mode, a wrong weight, a baked-in batch size)
 1e-2 or more.
 """
 
+import hashlib
 import importlib.util
 import logging
+import os
 
 import numpy as np
 import onnx
@@ -17,6 +19,8 @@ import torch
 from monai.networks.nets import SegResNetDS
 
 from conftest import BEST_CPU_PROVIDER, randomise
+from ctfm.checkpoint import save_state_dict
+from ctfm.networks import CTFMEncoder
 from ctfm.errors import CTFMError
 from ctfm.export import (
     INPUT_NAME,
@@ -181,10 +185,14 @@ def test_tensorrt_engine_sits_in_engine_dir_and_follows_the_weights(small_encode
     weights = tmp_path / "model.safetensors"
     weights.write_bytes(b"")
     assert trt_compile_encoder(small_encoder, tmp_path / "engines", weights=weights) is small_encoder
-    ((base_path, args),) = calls
-    assert base_path == str(tmp_path / "engines" / "ctfmencoder_fp16")  # MONAI appends ".plan"
+    weights.write_bytes(b"other weights")
+    os.utime(weights, (0, 0))  # older than the first engine: still other weights
+    trt_compile_encoder(small_encoder, tmp_path / "engines", weights=weights)
+    (first, args), (second, _) = calls
+    # MONAI appends ".plan"; the weights' sha256 is in the name, so other weights never reuse an engine
+    assert first == str(tmp_path / "engines" / "ctfmencoder_fp16_e3b0c44298fc")
+    assert second == str(tmp_path / "engines" / ("ctfmencoder_fp16_" + hashlib.sha256(b"other weights").hexdigest()[:12]))
     assert args["precision"] == "fp16" and args["dynamic_batchsize"] == [1, 2, 4]
-    assert args["timestamp"] == int(weights.stat().st_mtime)  # a newer checkpoint rebuilds the engine
 
 
 def test_onnx_runtime_network_exports_once_per_patch_and_weights(small_encoder, tmp_path):
@@ -198,6 +206,22 @@ def test_onnx_runtime_network_exports_once_per_patch_and_weights(small_encoder, 
         torch.testing.assert_close(first(x), small_encoder.embed(x), atol=ATOL, rtol=0)
     other = onnx_runtime_network(small_encoder, path, (16, 32, 48), providers=["CPUExecutionProvider"])
     assert _input_dims(path) == ["batch", 1, 16, 32, 48] and other(torch.rand(1, 1, 16, 32, 48)).shape == (1, 64)
+
+
+def test_onnx_runtime_network_re_exports_for_other_weights_whatever_their_age(small_encoder, tmp_path):
+    path, weights = tmp_path / "encoder.onnx", tmp_path / "a.pt"
+    save_state_dict(small_encoder, weights)
+    onnx_runtime_network(small_encoder, path, PATCH, weights=weights, providers=["CPUExecutionProvider"])
+    written = path.stat().st_mtime_ns
+    onnx_runtime_network(small_encoder, path, PATCH, weights=weights, providers=["CPUExecutionProvider"])
+    assert path.stat().st_mtime_ns == written  # the same weights: reused
+    other = randomise(CTFMEncoder(init_filters=4), seed=5)
+    save_state_dict(other, tmp_path / "b.pt")
+    os.utime(tmp_path / "b.pt", (0, 0))  # older than the graph: an mtime rule would reuse the wrong graph
+    runtime = onnx_runtime_network(other, path, PATCH, weights=tmp_path / "b.pt", providers=["CPUExecutionProvider"])
+    x = smooth_random_patches(2, 1, PATCH)
+    with torch.no_grad():
+        torch.testing.assert_close(runtime(x), other.embed(x), atol=ATOL, rtol=0)
 
 
 def test_smooth_random_patches_are_ct_like():

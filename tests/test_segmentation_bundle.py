@@ -199,3 +199,10 @@ def test_a_misspelt_id_stops_the_run_in_one_line(tmp_path):
     proc = run_bundle(["inference.json"], check=False, dataset_dirr=tmp_path, output_dir=tmp_path / "out")
     assert error_line(proc) == f"error: {CONFIGS / 'inference.json'}: no config of this run defines --dataset_dirr (a misspelt id is otherwise ignored)"
     assert not (tmp_path / "out").exists()
+
+
+def test_training_in_the_bundle_folder_cannot_replace_the_shipped_weights(tmp_path, tiny_encoder):
+    shipped = (BUNDLE / "models" / "model.pt").read_bytes()
+    proc = run_bundle(["train.json"], check=False, encoder_weights=tiny_encoder, epoch_length=1, max_epochs=1, **TINY_TRAIN)
+    assert "shipped weights would be replaced" in error_line(proc) and str(BUNDLE / "models" / "model.pt") in proc.stderr
+    assert (BUNDLE / "models" / "model.pt").read_bytes() == shipped and not (BUNDLE / "models" / "checkpoints").exists()

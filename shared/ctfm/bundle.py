@@ -15,6 +15,7 @@ because MONAI does not hand a config its own file name or its command line.
 from __future__ import annotations
 
 import ast
+import json
 import logging
 import os
 import sys
@@ -72,7 +73,7 @@ def config_ids(config: Mapping) -> set[str]:
     return ids
 
 
-def check_overrides(overrides: Mapping[str, object] | None = None, config_file=None) -> None:
+def check_overrides(overrides: Mapping[str, object] | None = None, config_file=None, tracking=None) -> None:
     """Refuse override ids that no config file of the run defines (one line naming them).
 
     An id is known when a config defines it, or when its parent is a component dict (``--network_def#foo``
@@ -80,21 +81,24 @@ def check_overrides(overrides: Mapping[str, object] | None = None, config_file=N
     overrides and config files are those of the ``monai.bundle run`` in the call stack; outside such a run
     (``ConfigWorkflow`` in Python, MONAI Label) nothing is checked.
 
+    A value whose kind differs from the config's literal default (``--roi_size abc`` where the config has a list)
+    is refused too, naming the id, rather than failing deep inside MONAI.
+
     Raises:
-        CTFMError: ``<config file>: no config defines --<id>`` for the first unknown ids.
+        CTFMError: ``<config file>: no config defines --<id>`` for the unknown ids, or ``--<id> takes a <kind>``.
     """
     if overrides is None:
         found = _run_command()
         if found is None:
             return
-        overrides, config_file = found
+        overrides, config_file, tracking = found
     files = _as_files(config_file)
     if not files:
         return
     from monai.bundle import ConfigParser
 
     config = ConfigParser.load_config_files(files)
-    known = config_ids(config)
+    known = config_ids(config) | _tracking_ids(tracking)
     unknown = []
     for key in overrides:
         key = str(key)
@@ -108,6 +112,39 @@ def check_overrides(overrides: Mapping[str, object] | None = None, config_file=N
     if unknown:
         listed = ", ".join(f"--{k}" for k in sorted(unknown))
         raise CTFMError(f"{files[-1]}: no config of this run defines {listed} (a misspelt id is otherwise ignored)")
+    for key, value in overrides.items():
+        key = str(key).replace("::", "#")
+        default = _value_at(config, key)
+        wanted, given = _kind(default), _kind(value)
+        if wanted and given and wanted != given and not (isinstance(value, str) and value[:1] in "$@%"):
+            raise CTFMError(f"{files[-1]}: --{key} takes a {wanted} such as {json.dumps(default)}, not {value!r}")
+
+
+def _value_at(config: Mapping, config_id: str):
+    node: object = config
+    for part in config_id.split("#"):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _kind(value) -> str | None:
+    """What an override must look like given a config's literal default (``None``: anything goes)."""
+    if value is None or (isinstance(value, str) and value[:1] in "$@%"):  # no literal default: an expression or reference
+        return None
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, (int, float)):
+        return "number"
+    if isinstance(value, (list, tuple)):
+        return "list"
+    if isinstance(value, Mapping):
+        return None  # a component: its own arguments are checked when it is built
+    return "string"
 
 
 def initialize() -> None:
@@ -124,20 +161,34 @@ def _frames() -> Iterator[FrameType]:
 
 
 def _run_command() -> tuple[dict, object] | None:
-    """``(overrides, config_file)`` of the ``monai.bundle.scripts.run`` call in the stack, or ``None``."""
+    """``(overrides, config_file, tracking)`` of the ``monai.bundle.scripts.run`` call in the stack, or ``None``."""
     for frame in _frames():
         if frame.f_code.co_name == "run" and frame.f_code.co_filename.endswith(_SCRIPTS):
             local = frame.f_locals
             overrides = dict(local.get("override") or {})
             config_file = local.get("config_file")
-            if local.get("args_file"):
+            if isinstance(local.get("args_file"), (str, os.PathLike)):
                 from monai.bundle import ConfigParser
 
                 from_file = ConfigParser.load_config_file(local["args_file"])
                 config_file = config_file or from_file.get("config_file")
                 overrides = {**{k: v for k, v in from_file.items() if k not in RUN_ARGUMENTS}, **overrides}
-            return overrides, config_file
+            return overrides, config_file, local.get("tracking")
     return None
+
+
+def _tracking_ids(tracking) -> set[str]:
+    """The top-level ids ``--tracking`` adds to a config (``tracking_uri``, ``experiment_name``, ...), which MONAI
+    documents as overrides of the run."""
+    if tracking is None:
+        return set()
+    from monai.bundle import ConfigParser
+    from monai.bundle.utils import DEFAULT_EXP_MGMT_SETTINGS
+
+    settings = DEFAULT_EXP_MGMT_SETTINGS.get(tracking) if isinstance(tracking, str) else None
+    if settings is None:
+        settings = tracking if isinstance(tracking, dict) else ConfigParser.load_config_files(tracking)
+    return {str(k) for k in (settings.get("configs") or {})}
 
 
 def _as_files(value) -> list[str]:

@@ -117,7 +117,7 @@ def read_ct(path: str | os.PathLike) -> MetaTensor:
             CT-like volume (a missing rescale intercept).
     """
     path = Path(path)
-    series_files = check_ct_header(path)
+    series_files = _checked_header(path)
     try:
         array, meta = ITKReader().get_data(itk.imread(series_files or str(path)))
     except Exception as exc:  # ITK raises RuntimeError, TypeError (TemplateTypeError), ValueError...
@@ -128,6 +128,26 @@ def read_ct(path: str | os.PathLike) -> MetaTensor:
     _check_volume(path, image)
     check_hu_range(path, image)
     return image
+
+
+#: Header checks passed in this process, by path and (name, size, mtime) of its files: reading the same unchanged
+#: CT again (the segmentation preview reads its input a second time) does not decompress and walk it again.
+_CHECKED_HEADERS: dict[tuple, list[str] | None] = {}
+_CHECKED_HEADERS_KEPT = 64
+
+
+def _checked_header(path: Path) -> list[str] | None:
+    try:
+        entries = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+        key = (str(path.resolve()), tuple((p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in entries))
+    except OSError:
+        return check_ct_header(path)  # it names what is missing or unreadable
+    if key not in _CHECKED_HEADERS:
+        result = check_ct_header(path)
+        if len(_CHECKED_HEADERS) >= _CHECKED_HEADERS_KEPT:
+            _CHECKED_HEADERS.pop(next(iter(_CHECKED_HEADERS)))
+        _CHECKED_HEADERS[key] = result
+    return _CHECKED_HEADERS[key]
 
 
 def check_ct_header(path: str | os.PathLike) -> list[str] | None:

@@ -10,12 +10,12 @@ from __future__ import annotations
 import glob
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ctfm.errors import CTFMError
 
-__all__ = ["CT_SUFFIXES", "find_cts", "find_inputs", "is_dicom_file", "load_datalist", "output_stem"]
+__all__ = ["CT_SUFFIXES", "OutputGuard", "find_cts", "find_inputs", "is_dicom_file", "load_datalist", "output_stem"]
 
 CT_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 #: The model zoo's (MSD's) image folder per datalist section.
@@ -173,3 +173,37 @@ def output_stem(source: str | os.PathLike, root: str | os.PathLike | None = None
             name = name[: -len(suffix)]
             break
     return (relative.parent / name).as_posix()
+
+
+class OutputGuard:
+    """Refuses to let one input's output replace another's: within a run (two inputs named alike) and across
+    runs (an output already in the folder, made from another input).
+
+    Args:
+        recorded_source: reads the input recorded in an existing output (``None`` when it records none), e.g. a
+            NIfTI comment extension or safetensors metadata written with the output.
+    """
+
+    def __init__(self, recorded_source: Callable[[Path], str | None]):
+        self.recorded_source = recorded_source
+        self.written: dict[Path, str] = {}
+
+    def check(self, source: str | os.PathLike, output: Path) -> None:
+        """Raise a one-line :class:`CTFMError` unless ``output`` is free for ``source`` or was made from it."""
+        earlier = self.written.get(output)
+        if earlier is None and output.exists():
+            earlier = self.recorded_source(output)
+            if earlier is None:
+                raise CTFMError(
+                    f"{output}: exists and does not say which input it was made from; "
+                    f"move it away or choose another output_dir before writing the output of {source}"
+                )
+        if earlier is not None and Path(earlier).resolve() != Path(source).resolve():
+            raise CTFMError(
+                f"{source}: its output {output} is the output of another input ({earlier}); "
+                "set data_root_dir (dataset_dir) to the inputs' common folder or give them distinct names"
+            )
+
+    def done(self, source: str | os.PathLike, output: Path) -> None:
+        """Record that ``output`` now holds ``source``'s result."""
+        self.written[output] = str(source)

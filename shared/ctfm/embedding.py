@@ -19,7 +19,7 @@ from monai.transforms import MapTransform
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ctfm.datalist import output_stem
+from ctfm.datalist import OutputGuard, output_stem
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 from ctfm.networks.encoder import SIZE_DIVISOR
@@ -138,7 +138,7 @@ class SaveEmbeddingd(MapTransform):
         self.data_root_dir = data_root_dir
         self.output_ext = output_ext
         self.image_key = image_key
-        self._written: dict[Path, str] = {}
+        self._guard = OutputGuard(_recorded_source)
 
     def outputs_for(self, source: str | os.PathLike) -> dict[str, Path]:
         """The files written for the input ``source``: ``embedding`` and ``png``."""
@@ -152,7 +152,7 @@ class SaveEmbeddingd(MapTransform):
             source = pred.meta.get("filename_or_obj", "ct")
             source = str(source[0] if isinstance(source, (list, tuple)) else source)
             outputs = self.outputs_for(source)
-            self._check_collision(source, outputs["embedding"])
+            self._guard.check(source, outputs["embedding"])
             patches = pred.as_tensor().float().contiguous()
             tensors = {"embedding": patches.mean(0), "patch_embeddings": patches, "patch_starts": pred.meta[PATCH_STARTS]}
             try:
@@ -166,23 +166,8 @@ class SaveEmbeddingd(MapTransform):
                 )
             except OSError as err:
                 raise CTFMError(f"{err.filename or self.output_dir}: cannot write outputs ({err.strerror})") from None
-            self._written[outputs["embedding"]] = source
+            self._guard.done(source, outputs["embedding"])
         return d
-
-    def _check_collision(self, source: str, output: Path) -> None:
-        earlier = self._written.get(output)
-        if earlier is None and output.exists():
-            earlier = _recorded_source(output)
-            if earlier is None:
-                raise CTFMError(
-                    f"{output}: exists and does not say which input it was made from; "
-                    f"move it away or choose another output_dir before embedding {source}"
-                )
-        if earlier is not None and Path(earlier).resolve() != Path(source).resolve():
-            raise CTFMError(
-                f"{source}: its output {output} is the output of another input ({earlier}); "
-                "set data_root_dir (dataset_dir) to the inputs' common folder or give them distinct names"
-            )
 
 
 def _provenance(source: str) -> dict[str, str]:

@@ -430,14 +430,34 @@ class ResumeFromLatest:
 
 
 class SaveNetworkWeights:
-    """When the engine completes, write the network's plain state dict to ``path`` atomically (rank 0 only)."""
+    """When the engine completes, write the network's plain state dict to ``path`` atomically (rank 0 only).
+
+    A ``path`` that holds a bundle's shipped weights (their sha256 is in :data:`ctfm.weights.WEIGHTS`) is refused
+    when the run starts, before any training: a run must not replace what the bundle ships.
+    """
 
     def __init__(self, network: nn.Module, path: str | os.PathLike):
         self.network = network
         self.path = Path(path)
 
+    def targets(self) -> list[Path]:
+        """The files and folders this handler writes."""
+        return [self.path]
+
     def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.refuse_shipped_targets)
         engine.add_event_handler(Events.COMPLETED, self)
+
+    def refuse_shipped_targets(self, engine: Engine | None = None) -> None:
+        from ctfm.weights import resolve
+
+        for target in self.targets():
+            shipped = sorted(resolve(target)[1])
+            if shipped:
+                raise CTFMError(
+                    f"{shipped[0]}: the bundle's shipped weights would be replaced by this training run; "
+                    "train into another folder (--bundle_root RUN_DIR)"
+                )
 
     def __call__(self, engine: Engine | None = None) -> None:
         if dist.is_initialized() and dist.get_rank() != 0:
@@ -462,6 +482,9 @@ class ExportEncoder(SaveNetworkWeights):
     def __init__(self, encoder: nn.Module, output_dir: str | os.PathLike):
         super().__init__(encoder, Path(output_dir) / "model.pt")
         self.output_dir = Path(output_dir)
+
+    def targets(self) -> list[Path]:
+        return [self.path, self.output_dir / "encoder_hf"]
 
     def save(self, encoder: nn.Module) -> None:
         from ctfm.checkpoint import save_hf_folder

@@ -40,25 +40,39 @@ def ctfm_error_message(exc: BaseException | None) -> str | None:
             if found:
                 return found[-1]
         seen.add(id(exc))
-        exc = exc.__cause__ or exc.__context__
+        exc = _cause(exc)
     return None
+
+
+def _cause(exc: BaseException) -> BaseException | None:
+    """What ``exc`` was raised from: its explicit cause (``raise ... from e``, as MONAI and ignite wrap errors).
+    An implicit context ("during handling of X, Y happened") is not followed: X was handled, Y is the error."""
+    return exc.__cause__
 
 
 def error_line(exc: BaseException) -> str:
     """The one line reported for ``exc``: a :class:`CTFMError`'s message, an ``OSError``'s file and reason, or
-    the innermost cause's type and first line."""
+    the innermost cause's type and first line, with the config component MONAI failed to build from it."""
     message = ctfm_error_message(exc)
     if message is not None:
         return message
-    innermost, seen = exc, set()
-    while id(innermost) not in seen and (innermost.__cause__ or innermost.__context__) is not None:
-        seen.add(id(innermost))
-        innermost = innermost.__cause__ or innermost.__context__
+    chain, seen = [exc], {id(exc)}
+    while _cause(chain[-1]) is not None and id(_cause(chain[-1])) not in seen:
+        chain.append(_cause(chain[-1]))
+        seen.add(id(chain[-1]))
+    innermost = chain[-1]
     for e in (innermost, exc):
         if isinstance(e, OSError) and e.filename and e.strerror:
             return f"{e.filename}: {e.strerror}"
     lines = [line.strip() for line in str(innermost).splitlines() if line.strip()]
-    return f"{type(innermost).__name__}: {lines[0] if lines else 'no message'} (CTFM_TRACEBACK=1 shows the traceback)"
+    found = next((m for e in chain if (m := _COMPONENT.search(str(e)))), None)
+    where = f"{found.group(1)} from {found.group(2).replace(',', ', ')}" if found else None
+    context = f" (building {where})" if where else ""
+    return f"{type(innermost).__name__}: {lines[0] if lines else 'no message'}{context} (CTFM_TRACEBACK=1 shows the traceback)"
+
+
+#: MONAI's message when a config component cannot be built: "Failed to instantiate component 'X' with keywords: a,b".
+_COMPONENT = re.compile(r"Failed to instantiate component '([^']+)' with keywords: ([\w,]*)")
 
 
 def _show_tracebacks() -> bool:
@@ -66,17 +80,24 @@ def _show_tracebacks() -> bool:
 
 
 class _DropLoggedTracebacks(logging.Filter):
-    """Drop what ignite and MONAI log about an exception that is on its way out: records carrying a traceback
-    (``StatsHandler``'s ``logger.exception``) and ignite's "... run is terminating due to exception" line.
-    The excepthook prints that exception as one line."""
+    """Drop the two reports ignite and MONAI log of an exception that ends a run before re-raising it: MONAI
+    ``StatsHandler``'s ``logger.exception("Exception: ...")`` and ignite's "... run is terminating due to exception"
+    line. The excepthook prints that exception as one line; every other record passes untouched."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if _show_tracebacks() or record.levelno < logging.ERROR:
             return True
-        return not record.exc_info and "is terminating due to exception" not in str(record.msg)
+        message = str(record.msg)
+        stats_handler = bool(record.exc_info) and message.startswith("Exception: ")
+        return not stats_handler and "is terminating due to exception" not in message
 
 
 _FILTER = _DropLoggedTracebacks()
+#: Where MONAI's StatsHandler and ignite's engines (``ignite.engine.engine.<class name>``) log an exception that
+#: ends a run.
+_REPORTING_LOGGERS = ("monai.handlers.StatsHandler", "StatsHandler") + tuple(
+    f"ignite.engine.engine.{name}" for name in ("Engine", "SupervisedTrainer", "SupervisedEvaluator", "EnsembleEvaluator", "GanTrainer")
+)
 
 
 def install_excepthook() -> None:
@@ -88,9 +109,11 @@ def install_excepthook() -> None:
     handlers = list(logging.getLogger().handlers)
     for logger in list(logging.Logger.manager.loggerDict.values()):
         handlers += getattr(logger, "handlers", [])
-    for handler in handlers:
-        if _FILTER not in handler.filters:
-            handler.addFilter(_FILTER)
+    # the loggers themselves too: a StatsHandler made later gets a handler of its own, which the filter would miss
+    loggers = [logging.getLogger(name) for name in _REPORTING_LOGGERS]
+    for target in [*handlers, *loggers]:
+        if _FILTER not in target.filters:
+            target.addFilter(_FILTER)
     if getattr(sys.excepthook, "_ctfm", False):
         return
     previous = sys.excepthook

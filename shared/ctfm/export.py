@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctfm.errors import CTFMError
-from ctfm.files import atomic_path
+from ctfm.files import atomic_path, sha256sum
 
 __all__ = [
     "FP32_RELATIVE_TOLERANCE",
@@ -62,6 +62,7 @@ __all__ = [
     "quantize_onnx",
     "smooth_random_patches",
     "trt_compile_encoder",
+    "weights_digest",
 ]
 
 logger = logging.getLogger("ctfm.export")
@@ -260,15 +261,39 @@ def onnx_runtime_network(
     """``module`` as an :class:`OnnxRuntimeModule`, for a bundle's ``inference_onnx.json``.
 
     ``path`` is exported first (:func:`export_onnx`) unless it already holds a graph of this ``patch_size``
-    that is newer than ``weights``; so the first run exports, later runs start at once. The caller feeds
-    patches of exactly ``patch_size`` (e.g. a sliding-window ROI), any batch size.
+    exported from these very ``weights`` (any graph when ``weights`` is ``None``): the sha256 of the weights file (a table name or a path, see
+    :func:`ctfm.weights.resolve`) is kept next to the graph in ``<path>.weights.sha256``, so other weights, older or
+    newer, always re-export. The first run exports, later runs start at once. The caller feeds patches of exactly
+    ``patch_size`` (e.g. a sliding-window ROI), any batch size.
     """
     path = Path(path)
-    stale = weights is not None and Path(weights).exists() and path.exists() and path.stat().st_mtime < Path(weights).stat().st_mtime
-    if not path.is_file() or stale or _input_shape(path)[2:] != [int(p) for p in patch_size]:
+    record = path.with_name(path.name + ".weights.sha256")
+    digest = weights_digest(weights)
+    known = record.read_text().strip() if record.is_file() else None
+    fresh = path.is_file() and (digest is None or known == digest)  # no weights given: any graph of this patch
+    if not fresh or _input_shape(path)[2:] != [int(p) for p in patch_size]:
         channels = next(m for m in module.modules() if isinstance(m, nn.Conv3d)).in_channels
+        record.unlink(missing_ok=True)
         export_onnx(module, path, patch_size, channels, output)
+        if digest is not None:
+            with atomic_path(record) as tmp:
+                tmp.write_text(digest + "\n")
     return OnnxRuntimeModule(path, providers, threads)
+
+
+def weights_digest(weights: str | os.PathLike | None) -> str | None:
+    """sha256 of the weights file behind ``weights`` (a table name, a file or a Hugging Face folder), or ``None``."""
+    if weights is None:
+        return None
+    from ctfm.checkpoint import HF_WEIGHTS
+    from ctfm.weights import resolve
+
+    try:
+        path, _ = resolve(weights)
+    except CTFMError:
+        return None
+    path = path / HF_WEIGHTS if path.is_dir() else path
+    return sha256sum(path) if path.is_file() else None
 
 
 def quantize_onnx(
@@ -345,9 +370,9 @@ def trt_compile_encoder(
         "dynamic_batchsize": [int(b) for b in batch_sizes],
         "export_args": {"dynamo": False, "opset_version": 17},
     }
-    if weights is not None and Path(weights).exists():
-        args["timestamp"] = int(Path(weights).stat().st_mtime)
-    return trt_compile(module, str(engine_dir / f"{type(module).__name__.lower()}_{precision}"), args=args, logger=logger)
+    digest = weights_digest(weights)  # in the engine's name: other weights never reuse this engine
+    name = f"{type(module).__name__.lower()}_{precision}" + (f"_{digest[:12]}" if digest else "")
+    return trt_compile(module, str(engine_dir / name), args=args, logger=logger)
 
 
 def _tensorrt_missing() -> list[str]:

@@ -166,7 +166,7 @@ class SegmentationReport:
                 "mean_surface_distance_mm": distance,
             })
         self._add_confusion(case, counts)
-        if self.images:
+        if self.images and not (torch.distributed.is_initialized() and torch.distributed.get_rank() != 0):
             self._write_image(case, pred_map.numpy(), ref_map.numpy(), np.asarray(label.affine, float))
 
     def _add_confusion(self, case: str, counts: torch.Tensor) -> None:
@@ -202,8 +202,11 @@ class SegmentationReport:
         )
 
     def complete(self, engine: Engine | None = None) -> dict:
-        """Write the CSVs and JSON, print the table; returns the summary."""
+        """Write the CSVs and JSON, print the table; returns the summary. Under DDP every rank evaluates the whole
+        validation set (no sampler) and only rank 0 writes."""
         self.summary = self.summarise()
+        if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+            return self.summary
         self.output_dir.mkdir(parents=True, exist_ok=True)
         with atomic_path(self.output_dir / "per_class_metrics.csv") as tmp:
             tmp.write_text(self._per_class_csv())

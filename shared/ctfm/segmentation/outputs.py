@@ -22,8 +22,9 @@ from monai.data import MetaTensor
 from monai.transforms import MapTransform
 from monai.utils import ImageMetaKey
 
-from ctfm.datalist import output_stem
+from ctfm.datalist import OutputGuard, output_stem
 from ctfm.errors import CTFMError
+from ctfm.files import remove_stale_temporaries
 
 __all__ = ["LabelsToInputGridd", "WriteSegmentationd", "labels_to_input_grid", "source_of"]
 
@@ -147,7 +148,7 @@ class WriteSegmentationd(MapTransform):
         self.preview = preview
         self.dicom_seg = dicom_seg
         self.version = version
-        self._written: dict[Path, str] = {}  # label map -> the input it was made from, in this run
+        self._guard = OutputGuard(_recorded_source)
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -173,11 +174,12 @@ class WriteSegmentationd(MapTransform):
         labels = np.asarray(pred.detach().cpu().numpy()[0]).round().astype(np.uint8 if int(pred.max()) < 256 else np.int16)
         affine = np.asarray(pred.affine.detach().cpu().numpy() if torch.is_tensor(pred.affine) else pred.affine, float)
         outputs = self.outputs_for(source)
-        self._check_collision(source, outputs["nifti"])
+        self._guard.check(source, outputs["nifti"])
         try:
             for path in outputs.values():
                 path.parent.mkdir(parents=True, exist_ok=True)
-            staging = Path(tempfile.mkdtemp(prefix=".ctfm_seg.", dir=self.output_dir))
+            remove_stale_temporaries(self.output_dir)  # staging folders of killed runs
+            staging = Path(tempfile.mkdtemp(prefix=f".ctfm_seg.{os.getpid()}.", suffix=".tmp", dir=self.output_dir))
         except OSError as err:
             raise CTFMError(f"{err.filename or self.output_dir}: cannot write outputs ({err.strerror})") from None
         try:
@@ -199,30 +201,15 @@ class WriteSegmentationd(MapTransform):
                 from ctfm.segmentation.dicom_seg import write_dicom_seg
 
                 write_dicom_seg(staged["dicom_seg"], labels, affine, source, self.class_names, algorithm_version=self.version)
-            for kind, path in outputs.items():
-                os.replace(staged[kind], path)
+            for kind in sorted(outputs, key=lambda k: k == "nifti"):  # the label map, which names its input, last
+                os.replace(staged[kind], outputs[kind])
         except OSError as err:
             raise CTFMError(f"{err.filename or self.output_dir}: cannot write outputs ({err.strerror})") from None
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-        self._written[outputs["nifti"]] = source
+        self._guard.done(source, outputs["nifti"])
         logger.info("wrote %s", ", ".join(str(p) for p in outputs.values()))
         return outputs
-
-    def _check_collision(self, source: str, label_map: Path) -> None:
-        earlier = self._written.get(label_map)
-        if earlier is None and label_map.exists():
-            earlier = _recorded_source(label_map)
-            if earlier is None:
-                raise CTFMError(
-                    f"{label_map}: exists and does not say which input it was made from; "
-                    f"move it away or choose another output_dir before segmenting {source}"
-                )
-        if earlier is not None and Path(earlier).resolve() != Path(source).resolve():
-            raise CTFMError(
-                f"{source}: its output {label_map} is the output of another input ({earlier}); "
-                "set data_root_dir (dataset_dir) to the inputs' common folder or give them distinct names"
-            )
 
 
 _PROVENANCE_KEY = "ctfm_input"
