@@ -15,6 +15,7 @@ alone. Writes ``results/startup_cpu.{md,json}``.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -120,8 +121,11 @@ def main() -> None:
         lines.append(f"| {k[:-2].replace('_', ' ')} | {median[k]:.2f} | {100 * median[k] / median['wall_s']:.0f} % | "
                      f"{median[k] / compute:.2f}x |")
     lines.append("")
-    lines.append("`read and check ct` counts both reads of the CT: the input, and the preview's read of it again; "
-                 "`other` is MONAI's config parsing, its handlers and process exit.")
+    lines.append("`read and check ct` counts both reads of the CT: the input, and the preview's read of it again (whose "
+                 "header checks are not repeated: `ctfm.ct_io` remembers a file it checked while it is unchanged); "
+                 "`other` is MONAI's config parsing, its handlers and process exit. `interpreter and imports` is "
+                 "MONAI's own import (torch, ignite" + (", and mlflow, which MONAI's handlers import at start when it "
+                 "is installed, as in the test environment" if importlib.util.find_spec("mlflow") else "") + ").")
     text = "\n".join(lines) + "\n"
     print(text)
     RESULTS.mkdir(exist_ok=True)
