@@ -242,12 +242,15 @@ def test_package_is_byte_for_byte_reproducible(tmp_path):
         assert info.external_attr >> 16 == (0o100755 if info.filename.endswith("run.sh") else 0o100644), info.filename
 
 
-def test_package_prints_the_sha256(tmp_path):
-    bundle = small_bundle_copy(tmp_path / "a", 1_000_000_000, False)
-    archive = package(bundle, tmp_path / "dist", check=False)
-    from package_bundle import sha256_of
+def test_package_prints_the_sha256(tmp_path, capsys, monkeypatch):
+    """``package_bundle.py`` prints ``<sha256>  <zip>``, the format ``sha256sum -c`` checks."""
+    import package_bundle
 
-    assert sha256_of(archive) == hashlib.sha256(archive.read_bytes()).hexdigest()
+    bundle = small_bundle_copy(tmp_path / "a", 1_000_000_000, False)
+    monkeypatch.setattr(package_bundle, "package", lambda b, out: package(b, out, check=False))
+    assert package_bundle.main([str(bundle), "--out", str(tmp_path / "dist")]) == 0
+    digest, archive = capsys.readouterr().out.split()
+    assert digest == hashlib.sha256(Path(archive).read_bytes()).hexdigest()
 
 
 def test_symlinks_in_a_bundle_are_refused(tmp_path):
@@ -301,3 +304,15 @@ def test_integration_check_compares_label_maps_in_one_orientation(tmp_path):
     labels[0, 0, 0] = 7
     nib.save(nib.Nifti1Image(labels, ras.affine), tmp_path / "c.nii.gz")
     assert agreement(tmp_path / "c.nii.gz", tmp_path / "b.nii.gz") == (1 - 1 / labels.size, labels.size, 3)
+
+
+def test_package_leaves_out_what_large_files_yml_lists(tmp_path):
+    """After `monai.bundle download_large_files` the published weights sit in models/<name>/: the zip leaves them to
+    the registry's large_files.yml instead of packing hundreds of MB."""
+    bundle = small_bundle_copy(tmp_path / "a", 1_000_000_000, False)
+    downloaded = bundle / "models" / "ct_fm_feature_extractor" / "model.safetensors"
+    downloaded.parent.mkdir(parents=True)
+    downloaded.write_bytes(b"published weights")
+    names = zipfile.ZipFile(package(bundle, tmp_path / "dist", check=False)).namelist()
+    assert "ctfm_pretrain/large_files.yml" in names and "ctfm_pretrain/models/model.pt" in names
+    assert not [n for n in names if "ct_fm_feature_extractor" in n]
