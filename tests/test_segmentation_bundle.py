@@ -202,7 +202,12 @@ def test_a_misspelt_id_stops_the_run_in_one_line(tmp_path):
 
 
 def test_training_in_the_bundle_folder_cannot_replace_the_shipped_weights(tmp_path, tiny_encoder):
-    shipped = (BUNDLE / "models" / "model.pt").read_bytes()
-    proc = run_bundle(["train.json"], check=False, encoder_weights=tiny_encoder, epoch_length=1, max_epochs=1, **TINY_TRAIN)
-    assert "shipped weights would be replaced" in error_line(proc) and str(BUNDLE / "models" / "model.pt") in proc.stderr
-    assert (BUNDLE / "models" / "model.pt").read_bytes() == shipped and not (BUNDLE / "models" / "checkpoints").exists()
+    """On a copy of the bundle (same folder name, so its shipped files are the table's), not in the repository."""
+    copy = tmp_path / "ctfm_segmentation"
+    shutil.copytree(BUNDLE, copy, ignore=shutil.ignore_patterns("eval", "runs"))
+    shipped = (copy / "models" / "model.pt").read_bytes()
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(copy / "configs" / "train.json"),
+           *[f"--{k}={v}" for k, v in {**TINY_TRAIN, "encoder_weights": tiny_encoder, "epoch_length": 1, "max_epochs": 1}.items()]]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV)
+    assert "shipped weights would be replaced" in error_line(proc) and str(copy / "models" / "model.pt") in proc.stderr
+    assert (copy / "models" / "model.pt").read_bytes() == shipped and not (copy / "models" / "checkpoints").exists()
