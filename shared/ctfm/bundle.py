@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import ast
 import json
-import logging
 import os
 import sys
 from collections.abc import Iterator, Mapping
@@ -26,8 +25,6 @@ from types import FrameType
 from ctfm.errors import CTFMError, install_excepthook
 
 __all__ = ["RUN_ARGUMENTS", "bundle_root", "check_overrides", "config_ids", "initialize"]
-
-logger = logging.getLogger("ctfm.bundle")
 
 #: Arguments of ``monai.bundle run`` / ``run_workflow`` that are not config ids.
 RUN_ARGUMENTS = frozenset({

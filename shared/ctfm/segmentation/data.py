@@ -143,15 +143,12 @@ def load_segmentation_data(
 def sample_training_data() -> list[dict]:
     """The shipped training pair: the whole ``example_ct.nii.gz`` (abdomen and pelvis, 112 slices of 3 mm) and
     TotalSegmentator's labels for all of it, ``example_seg_fast_force_split.nii.gz`` (61 structures), as a
-    ``"nifti"`` layout list."""
-    from ctfm.sample_data import sample_path
+    ``"nifti"`` layout list: the ``training`` section of the sample folder's ``dataset.json``, which the bundle's
+    default ``dataset_dir`` reads."""
+    from ctfm.datalist import find_inputs
+    from ctfm.sample_data import sample_dir
 
-    return [
-        {
-            "image": str(sample_path("example_ct.nii.gz")),
-            "label": str(sample_path("example_seg_fast_force_split.nii.gz")),
-        }
-    ]
+    return find_inputs(sample_dir(), section="training")
 
 
 def sample_evaluation_data() -> list[dict]:
