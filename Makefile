@@ -16,7 +16,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 setup: $(VENV)/.installed
 
 # On the shipped sample data: a short pre-training run (checkpoints, TensorBoard, encoder export), then every
-# bundle's inference on the sample CTs (the NIfTI CT and the DICOM series). Outputs under runs/demo/.
+# bundle's inference on the sample CTs (the NIfTI CT and the DICOM series) and, for triage, on four demo head
+# phantoms and on the real head CT with synthetic bleeds (fetched from Debian; skipped if that fails). Outputs
+# under runs/demo/.
 demo: setup
 	$(PY) -m monai.bundle run --config_file bundles/ctfm_pretrain/configs/train.json \
 		--bundle_root runs/demo/pretrain --num_crops 4 --num_workers 0 --epoch_length 10 --max_epochs 2 \
@@ -24,8 +26,13 @@ demo: setup
 	$(PY) -c "from ctfm.checkpoint import load_encoder; print(load_encoder('runs/demo/pretrain/models/encoder_hf')[1].summary())"
 	$(PY) -m monai.bundle run --config_file bundles/ctfm_pretrain/configs/inference.json --output_dir runs/demo/embeddings
 	$(PY) -m monai.bundle run --config_file bundles/ctfm_segmentation/configs/inference.json --output_dir runs/demo/segmentation
+	$(PY) -m monai.bundle run --config_file bundles/ctfm_triage/configs/inference.json \
+		--datalist "imagesTs/head_test_00[0-3].nii.gz" --output_dir runs/demo/triage
+	-$(PY) -m monai.bundle run --config_file bundles/ctfm_triage/configs/inference.json \
+		--dataset_dir "$$($(PY) -m ctfm.triage.demo real)" --output_dir runs/demo/triage_real_head
 	@echo "demo outputs:"
-	@find runs/demo/pretrain/models/encoder_hf runs/demo/pretrain/runs runs/demo/embeddings runs/demo/segmentation -type f | sort
+	@find runs/demo/pretrain/models/encoder_hf runs/demo/pretrain/runs runs/demo/embeddings runs/demo/segmentation \
+		runs/demo/triage runs/demo/triage_real_head -type f 2>/dev/null | sort
 
 # The fast tier (in-process, a few minutes) alone; `make test` (what CI runs) runs both tiers.
 test-fast: setup

@@ -36,6 +36,13 @@ WORKFLOWS = [
     ("ctfm_segmentation", ["inference.json", "inference_trt.json"], "infer"),
     ("ctfm_segmentation", ["train.json"], "train"),
     ("ctfm_segmentation", ["train.json", "evaluate.json"], "infer"),
+    ("ctfm_triage", ["inference.json"], "infer"),
+    ("ctfm_triage", ["inference.json", "inference_onnx.json"], "infer"),
+    ("ctfm_triage", ["inference.json", "inference_trt.json"], "infer"),
+    ("ctfm_triage", ["train.json"], "train"),
+    ("ctfm_triage", ["train.json", "recipe_fmct.json"], "train"),
+    ("ctfm_triage", ["train.json", "evaluate.json"], "infer"),
+    ("ctfm_triage", ["train.json", "probe.json"], "train"),
 ]
 
 
@@ -57,6 +64,8 @@ def workflow(monkeypatch, weights_cache):
 
     def make(bundle, configs, workflow_type, **override):
         files = [str(BUNDLES / bundle / "configs" / c) for c in configs]
+        if workflow_type == "train":  # as ci/verify_bundle.py: resolve the datasets without filling their caches
+            override = {"cache_rate": 0.0, "num_workers": 0, **override}
         w = ConfigWorkflow(config_file=files, workflow_type=workflow_type, logging_file=False, **override)
         w.initialize()
         return w
@@ -85,6 +94,7 @@ def test_monai_bundle_load_with_defaults_returns_the_shipped_weights(tmp_path):
     for name, shipped in [
         ("ctfm_pretrain", "models/encoder_hf/model.safetensors"),
         ("ctfm_segmentation", "models/model.pt"),
+        ("ctfm_triage", "models/model.pt"),
     ]:
         shutil.copytree(BUNDLES / name, tmp_path / name, ignore=shutil.ignore_patterns("eval", "runs"))
         network = monai.bundle.load(name, bundle_dir=str(tmp_path))

@@ -312,3 +312,30 @@ def test_init_distributed_passes_the_timeout(monkeypatch):
         ddp_timeout()
     with pytest.raises(CTFMError, match="timeout_s=0"):
         ddp_timeout(0)
+
+
+def test_best_weights_are_saved_on_improvement_only_and_survive_a_resume(tmp_path):
+    from types import SimpleNamespace
+
+    from ctfm.engine import SaveBestNetworkWeights
+
+    net = nn.Linear(2, 1)
+    path = tmp_path / "model.pt"
+    validator = SimpleNamespace(state=SimpleNamespace(key_metric_name="val_auroc", metrics={}), add_event_handler=lambda *a: None)
+    saver = SaveBestNetworkWeights(net, path, validator)
+    saved = []
+    for value in (0.6, 0.55, 0.7, float("nan"), 0.7):
+        with torch.no_grad():
+            net.bias.fill_(value)
+        validator.state.metrics["val_auroc"] = value
+        saver.on_validation(validator)
+        saved.append(round(float(torch.load(path, weights_only=True)["bias"]), 4))
+    assert saved == [0.6, 0.6, 0.7, 0.7, 0.7]
+    resumed = SaveBestNetworkWeights(net, path, validator)
+    resumed.load_state_dict(saver.state_dict())
+    validator.state.metrics["val_auroc"] = 0.65  # below the best before the resume: kept out
+    resumed.on_validation(validator)
+    assert resumed.best == 0.7 and round(float(torch.load(path, weights_only=True)["bias"]), 4) == 0.7
+    fresh = SaveBestNetworkWeights(net, path, validator)
+    fresh.load_state_dict(SaveBestNetworkWeights(net, path, validator).state_dict())
+    assert fresh.best is None

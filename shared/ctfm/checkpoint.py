@@ -29,8 +29,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ctfm.errors import CTFMError
-from ctfm.networks.encoder import CTFM_BLOCKS_DOWN, CTFMEncoder
 from ctfm.files import atomic_path, sha256sum
+from ctfm.networks.encoder import CTFM_BLOCKS_DOWN, STEM_WEIGHT, CTFMEncoder, adapt_input_conv
 
 __all__ = [
     "CheckpointError",
@@ -49,6 +49,8 @@ _WRAPPER_SEGMENTS = re.compile(r"^module\.|(?:^|(?<=\.))_orig_mod\.")  # DDP and
 ENCODER_CONFIG_KEYS = ("blocks_down", "in_channels", "init_filters", "spatial_dims")
 #: What a ``SegResNetDS`` folder (``whole_body_segmentation``) adds to the encoder's arguments.
 SEGMENTATION_CONFIG_KEYS = ("out_channels", "dsdepth")
+#: ... and of a :class:`~ctfm.networks.CTFMClassifier`.
+CLASSIFIER_CONFIG_KEYS = ("num_classes", "head", "hidden_features")
 _CONTAINER_KEYS = ("state_dict", "model", "network", "model_state_dict")
 
 
@@ -115,7 +117,7 @@ def _read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], str]:
 
 
 def load_weights(
-    module: nn.Module, path: str | os.PathLike, strict: bool = True, sha256: str | None = None
+    module: nn.Module, path: str | os.PathLike, strict: bool = True, sha256: str | None = None, adapt_stem: bool = False
 ) -> LoadReport:
     """Copy the weights of ``path`` into ``module`` and report matched / missing / unexpected keys.
 
@@ -128,6 +130,9 @@ def load_weights(
         path: a file or a Hugging Face model folder.
         strict: raise if any of ``module``'s keys stay missing.
         sha256: expected SHA-256 of the weights file; checked before reading.
+        adapt_stem: let a first convolution of other input channels initialise ``module``'s
+            (:func:`~ctfm.networks.encoder.adapt_input_conv`: one channel to HU windows as channels). Only for
+            initialising an encoder to fine-tune: a whole network keeps the channels it was trained with.
 
     Raises:
         CheckpointError: unreadable file, wrong hash, no matching keys, a shape mismatch, or (strict) missing keys.
@@ -136,12 +141,14 @@ def load_weights(
     if sha256 is not None:
         _check_sha256(path / HF_WEIGHTS if path.is_dir() else path, sha256)
     if path.is_dir() and (path / HF_CONFIG).is_file() and hasattr(module, "config"):
-        _check_hf_config(path, module.config)
+        _check_hf_config(path, {k: v for k, v in module.config.items() if not (adapt_stem and k == "in_channels")})
     raw, layout = read_state_dict(path)
-    return _fit(module, raw, layout, path, strict)
+    return _fit(module, raw, layout, path, strict, adapt_stem)
 
 
-def _fit(module: nn.Module, raw: dict[str, torch.Tensor], layout: str, path: Path, strict: bool) -> LoadReport:
+def _fit(
+    module: nn.Module, raw: dict[str, torch.Tensor], layout: str, path: Path, strict: bool, adapt_stem: bool = False
+) -> LoadReport:
     """Copy the tensors ``raw`` read from ``path`` into ``module`` under the best-fitting key prefix."""
     state = {_WRAPPER_SEGMENTS.sub("", k): v for k, v in raw.items()}
     target = module.state_dict()
@@ -160,6 +167,10 @@ def _fit(module: nn.Module, raw: dict[str, torch.Tensor], layout: str, path: Pat
             f"{path}: no key fits {type(module).__name__} (checkpoint keys look like {sorted(state)[:3]}); "
             "a different architecture?"
         )
+    stem, wanted = inside.get(STEM_WEIGHT), target.get(STEM_WEIGHT)
+    if adapt_stem and stem is not None and wanted is not None and stem.shape[1] != wanted.shape[1] and stem.shape[2:] == wanted.shape[2:]:
+        inside[STEM_WEIGHT] = adapt_input_conv(stem, wanted.shape[1])
+        logger.info("%s: first convolution adapted from %d to %d input channels", path, stem.shape[1], wanted.shape[1])
     bad = [f"{k} {tuple(inside[k].shape)} vs {tuple(target[k].shape)}" for k in report.matched if inside[k].shape != target[k].shape]
     if bad:
         raise CheckpointError(
@@ -230,10 +241,10 @@ def _read_hf_config(folder: Path) -> dict:
     if not isinstance(config, dict):
         raise CheckpointError(f"{folder / HF_CONFIG}: not a model config (a JSON object)")
     defaults = {"act": "relu", "norm": "batch", "head_module": None, "anisotropic_scales": None, "upsample_mode": "deconv"}
-    known = {*ENCODER_CONFIG_KEYS, *SEGMENTATION_CONFIG_KEYS}
+    known = {*ENCODER_CONFIG_KEYS, *SEGMENTATION_CONFIG_KEYS, *CLASSIFIER_CONFIG_KEYS}
     other = {k: v for k, v in config.items() if k not in known and defaults.get(k, "?") != v}
     if other:
-        raise CheckpointError(f"{folder / HF_CONFIG}: not a CT-FM encoder or SegResNetDS config (unsupported settings {other})")
+        raise CheckpointError(f"{folder / HF_CONFIG}: not a CT-FM encoder, SegResNetDS or classifier config (unsupported settings {other})")
     return {k: v for k, v in config.items() if k in known}
 
 

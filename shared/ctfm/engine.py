@@ -35,6 +35,7 @@ __all__ = [
     "ExportEncoder",
     "LossProgressBar",
     "ResumeFromLatest",
+    "SaveBestNetworkWeights",
     "SaveNetworkWeights",
     "checkpoint_path",
     "checkpoints",
@@ -471,6 +472,47 @@ class SaveNetworkWeights:
 
         save_state_dict(network, self.path)
         logger.info("saved network weights to %s", self.path)
+
+
+class SaveBestNetworkWeights(SaveNetworkWeights):
+    """Write the network's state dict to ``path`` each time ``validator``'s key metric reaches a new best (higher
+    is better), atomically, rank 0 only; a run that never validated writes it when the trainer completes.
+
+    Attach to the trainer; shipped targets are refused when the trainer starts, as :class:`SaveNetworkWeights`.
+    Put it in the checkpoint's ``save_dict`` and ``load_dict`` too (it has ``state_dict``): a resumed run then
+    keeps the best so far instead of taking its first validation as the best.
+    """
+
+    def __init__(self, network: nn.Module, path: str | os.PathLike, validator: Engine):
+        super().__init__(network, path)
+        self.validator = validator
+        self.best: float | None = None
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.STARTED, self.refuse_shipped_targets)
+        self.validator.add_event_handler(Events.COMPLETED, self.on_validation)
+        engine.add_event_handler(Events.COMPLETED, self.on_completed)
+
+    def on_validation(self, validator: Engine) -> None:
+        name = getattr(validator.state, "key_metric_name", None)
+        value = validator.state.metrics.get(name) if name else None
+        if value is None or not np.isfinite(value) or (self.best is not None and value <= self.best):
+            return
+        self.best = float(value)
+        logger.info("new best %s %.4f", name, self.best)
+        self(validator)
+
+    def state_dict(self) -> dict:
+        return {"best": torch.tensor(float("nan") if self.best is None else self.best, dtype=torch.float64)}
+
+    def load_state_dict(self, state: Mapping) -> None:
+        best = float(state["best"])
+        self.best = None if math.isnan(best) else best
+
+    def on_completed(self, engine: Engine) -> None:
+        if self.best is None:
+            logger.warning("no validation ran: saving the final weights to %s", self.path)
+            self(engine)
 
 
 class ExportEncoder(SaveNetworkWeights):

@@ -76,7 +76,8 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False, fsync: bool = T
         yield out
         if is_dir:
             for path in [tmp, *tmp.rglob("*")]:  # as mkdir() and open() would have made them, not mkdtemp's 0700
-                os.chmod(path, _FILE_MODE | (0o111 & ~_UMASK) if path.is_dir() else _FILE_MODE)
+                if not path.is_symlink():  # chmod follows links: it would change the files linked to
+                    os.chmod(path, _FILE_MODE | (0o111 & ~_UMASK) if path.is_dir() else _FILE_MODE)
             if fsync:
                 for path in [*tmp.rglob("*"), tmp]:
                     if not path.is_symlink():

@@ -26,6 +26,7 @@ __all__ = [
     "label_colours",
     "render_comparison",
     "render_preview",
+    "render_saliency",
     "to_lps",
     "write_embedding_map",
 ]
@@ -122,12 +123,7 @@ def _render(ct, rows: Mapping[str, np.ndarray], affine, path, class_names, title
     maps = {name: to_lps(labels, affine)[0] for name, labels in maps.items()}
     i, j, k = _centre(next(iter(maps.values())))
     colours = label_colours(max(256, max(int(labels.max()) for labels in maps.values()) + 1))
-    sx, sy, sz = spacing
-    views = [  # (plane of a volume, row spacing, column spacing, name)
-        (lambda v: v[:, :, k].T, sy, sx, f"axial (S index {k})"),
-        (lambda v: v[:, j, ::-1].T, sz, sx, f"coronal (P index {j})"),
-        (lambda v: v[i, :, ::-1].T, sz, sy, f"sagittal (L index {i})"),
-    ]
+    views = _views((i, j, k), spacing)
     widths = [cut(ct).shape[1] * col_mm for cut, _, col_mm, _ in views]
     heights = [cut(ct).shape[0] * row_mm for cut, row_mm, _, _ in views]
     scale = 4.2 / max(heights)  # inches per mm: tallest plane 4.2 in
@@ -174,6 +170,66 @@ def _render(ct, rows: Mapping[str, np.ndarray], affine, path, class_names, title
         (title + "  |  " if title else "") + f"window {low:.0f}..{high:.0f} HU, planes through the centre of {centre_of}",
         color="white", fontsize=10,
     )
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
+    plt.close(fig)
+    return Path(path)
+
+
+def _views(centre: Sequence[int], spacing: Sequence[float]) -> list:
+    """The three planes through ``centre`` of an LPS volume: ``(cut, row mm, column mm, name)``, radiological view."""
+    (i, j, k), (sx, sy, sz) = centre, spacing
+    return [
+        (lambda v: v[:, :, k].T, sy, sx, f"axial (S index {k})"),
+        (lambda v: v[:, j, ::-1].T, sz, sx, f"coronal (P index {j})"),
+        (lambda v: v[i, :, ::-1].T, sz, sy, f"sagittal (L index {i})"),
+    ]
+
+
+def render_saliency(
+    image: np.ndarray,
+    saliency: np.ndarray,
+    affine: np.ndarray,
+    path: str | os.PathLike,
+    title: str | None = None,
+    window: Sequence[float] = (0.0, 1.0),
+) -> Path:
+    """Write a PNG of ``saliency`` as a heat map over ``image``: the three planes through its maximum, atomically.
+
+    Only the body is coloured and searched for the maximum (``image`` above ``window``'s low end): a map's values
+    over air and padding say nothing about the anatomy.
+
+    Args:
+        image: ``(X, Y, Z)`` CT on the network's grid (e.g. the brain window in [0, 1]).
+        saliency: ``(X, Y, Z)`` in [0, 1] on the same grid.
+        affine: 4x4 voxel -> RAS mm of that grid.
+        window: ``image`` values mapped to black..white.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if np.shape(image) != np.shape(saliency) or np.ndim(image) != 3:
+        raise ValueError(f"saliency preview needs one 3-D shape, got {np.shape(image)} and {np.shape(saliency)}")
+    image, spacing = to_lps(np.asarray(image, np.float32), affine)
+    heat = to_lps(np.asarray(saliency, np.float32), affine)[0]
+    inside = image > window[0]  # the body: air and padding are at the window's low end
+    heat = heat * inside if inside.any() else heat
+    peak = np.unravel_index(int(np.argmax(heat)), heat.shape)
+    fig, axes = plt.subplots(1, 3, figsize=(12, 4.6), dpi=100, facecolor="black")
+    for ax, (cut, row_mm, col_mm, name) in zip(axes, _views(peak, spacing)):
+        extent = (0, cut(image).shape[1] * col_mm, cut(image).shape[0] * row_mm, 0)
+        ax.imshow(cut(image), cmap="gray", vmin=window[0], vmax=window[1], extent=extent, interpolation="bilinear")
+        rgba = plt.get_cmap("inferno")(cut(heat))
+        rgba[..., 3] = 0.7 * cut(heat)  # transparent where the network does not look
+        ax.imshow(rgba, extent=extent, interpolation="bilinear")
+        ax.set_title(name, color="white", fontsize=9)
+        ax.set_axis_off()
+    shown = plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0.0, 1.0))
+    bar = fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01)
+    bar.ax.tick_params(colors="white", labelsize=8)
+    fig.suptitle((title + "  |  " if title else "") + "saliency (0..1) in the head, planes through its maximum", color="white", fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
     plt.close(fig)

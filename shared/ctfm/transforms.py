@@ -14,11 +14,13 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import torch
 from monai.config import KeysCollection
 from monai.transforms import (
+    CenterSpatialCropd,
     Compose,
     CropForegroundd,
     InvertibleTransform,
     MapTransform,
     Orientationd,
+    Resized,
     ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
@@ -28,12 +30,15 @@ __all__ = [
     "AIR_HU",
     "AXIS_LABELS",
     "CTFM_SPACING_MM",
+    "CheckHeadCTd",
+    "FMCT_HEAD_WINDOWS",
     "HEAD_CT_WINDOWS",
     "HU_MAX",
     "HU_MIN",
     "ORIENTATION",
     "CTFMPreprocessd",
     "HUWindowsd",
+    "HeadCTGridd",
     "HideStringSiblingsd",
     "ScaleHUd",
     "inline_composes",
@@ -47,6 +52,8 @@ HU_MIN, HU_MAX = -1024.0, 2048.0
 AIR_HU = -1024.0
 #: CT-FM head-CT triage windows as (low, high) HU: blood, subdural, stroke, bone.
 HEAD_CT_WINDOWS = ((0.0, 80.0), (-125.0, 175.0), (28.0, 36.0), (-900.0, 2100.0))
+#: FM-CT's head-CT windows, level/width 40/80 (brain), 80/200 (subdural), 600/2800 (bone), as (low, high) HU.
+FMCT_HEAD_WINDOWS = ((0.0, 80.0), (-20.0, 180.0), (-800.0, 2000.0))
 
 
 class ScaleHUd(ScaleIntensityRanged):
@@ -57,18 +64,34 @@ class ScaleHUd(ScaleIntensityRanged):
 
 
 class HUWindowsd(MapTransform):
-    """Stack HU windows as channels: ``(1, ...)`` HU -> ``(len(windows), ...)`` each clipped and scaled to [0, 1].
+    """Scale one HU channel into several windows, each clipped and scaled to [0, 1], stacked along an axis.
+
+    ``stack="channel"`` (FM-CT): ``(1, S, P, L)`` -> ``(len(windows), S, P, L)``. ``stack="S"`` (CT-FM's head-CT
+    triage): the windowed copies one after the other along the first spatial axis, ``(1, S, P, L)`` ->
+    ``(1, len(windows) * S, P, L)``, so a one-channel encoder sees all windows.
 
     Args:
-        windows: ``(low, high)`` HU pairs, e.g. :data:`HEAD_CT_WINDOWS`.
+        windows: ``(low, high)`` HU pairs, e.g. :data:`HEAD_CT_WINDOWS` or :data:`FMCT_HEAD_WINDOWS`.
+        stack: ``"channel"`` or ``"S"``.
     """
 
-    def __init__(self, keys: KeysCollection, windows: Sequence[Sequence[float]] = HEAD_CT_WINDOWS, allow_missing_keys=False):
+    STACK_DIMS = {"channel": 0, "S": 1}
+
+    def __init__(
+        self,
+        keys: KeysCollection,
+        windows: Sequence[Sequence[float]] = HEAD_CT_WINDOWS,
+        stack: str = "channel",
+        allow_missing_keys=False,
+    ):
         super().__init__(keys, allow_missing_keys)
         self.windows = [(float(lo), float(hi)) for lo, hi in windows]
         bad = [w for w in self.windows if not w[1] > w[0]]
         if bad:
             raise ValueError(f"HU windows need high > low, got {bad}")
+        if stack not in self.STACK_DIMS:
+            raise ValueError(f"stack {stack!r}: choose one of {', '.join(self.STACK_DIMS)}")
+        self.dim = self.STACK_DIMS[stack]
 
     def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
         d = dict(data)
@@ -76,7 +99,7 @@ class HUWindowsd(MapTransform):
             hu = d[key]
             if hu.shape[0] != 1:
                 raise ValueError(f"HUWindowsd expects one HU channel for '{key}', got {hu.shape[0]}")
-            d[key] = torch.cat([((hu - lo) / (hi - lo)).clamp(0.0, 1.0) for lo, hi in self.windows], dim=0)
+            d[key] = torch.cat([((hu - lo) / (hi - lo)).clamp(0.0, 1.0) for lo, hi in self.windows], dim=self.dim)
         return d
 
 
@@ -119,6 +142,84 @@ class CTFMPreprocessd(Compose):
             if labels:
                 steps.append(SpatialPadd(labels, spatial_size=tuple(min_size), value=0))
         steps.append(HUWindowsd(images, windows) if windows is not None else ScaleHUd(images))
+        super().__init__(steps)
+
+
+class CheckHeadCTd(MapTransform):
+    """Refuse a CT that is not of a head: one line naming the file, before any resampling.
+
+    The body is the largest connected region above -300 HU (on a grid of about 2 mm); a head is narrower than
+    ``max_width_mm`` from left to right (adult heads: 140-200 mm with the scalp; an abdomen or a chest: over
+    300 mm). Input ``(1, X, Y, Z)`` HU with a voxel -> RAS ``affine``; returned unchanged.
+    """
+
+    def __init__(self, keys: KeysCollection = "image", max_width_mm: float = 260.0, allow_missing_keys: bool = False):
+        super().__init__(keys, allow_missing_keys)
+        self.max_width_mm = float(max_width_mm)
+
+    def __call__(self, data: Mapping[Hashable, torch.Tensor]) -> dict:
+        import numpy as np
+        from scipy import ndimage
+
+        from ctfm.errors import CTFMError
+
+        d = dict(data)
+        for key in self.key_iterator(d):
+            image = d[key]
+            affine = np.asarray(image.affine, float) if hasattr(image, "affine") else np.eye(4)
+            source = image.meta.get("filename_or_obj", key) if hasattr(image, "meta") else key
+            spacing = np.linalg.norm(affine[:3, :3], axis=0)
+            step = np.maximum(np.round(2.0 / np.maximum(spacing, 1e-6)), 1).astype(int)
+            body = np.asarray(image[0])[:: step[0], :: step[1], :: step[2]] > -300.0
+            regions, count = ndimage.label(body)
+            if count == 0:
+                raise CTFMError(f"{source}: not a head CT: nothing above -300 HU")
+            largest = regions == (int(np.argmax(ndimage.sum(body, regions, range(1, count + 1)))) + 1)
+            index = np.argwhere(largest) * step
+            width = float(np.ptp(index @ affine[0, :3])) + float(np.abs(affine[0, :3]) @ step)
+            if width > self.max_width_mm:
+                raise CTFMError(
+                    f"{source}: not a head CT: the body is {width:.0f} mm wide from left to right; "
+                    f"a head is under {self.max_width_mm:.0f} mm"
+                )
+        return d
+
+
+class HeadCTGridd(Compose):
+    """A head CT ``(1, X, Y, Z)`` HU onto a triage recipe's fixed grid, still in HU (windows come after).
+
+    Not a head (:class:`CheckHeadCTd`) -> refused; orientation -> [resample to ``spacing`` mm] -> crop to the HU > 0 foreground (the head) -> ``spatial_size``:
+    ``size_mode="crop"`` pads with air (-1024 HU) and centre-crops (CT-FM: SPL, (5, 2, 2) mm, 48 x 128 x 128);
+    ``"resize"`` resamples the whole head to it (FM-CT: RAS, 1 mm, 96^3).
+
+    Args:
+        orientation: axis codes in :data:`AXIS_LABELS`' sense, e.g. ``"SPL"`` or ``"RAS"``.
+        spacing: mm along the oriented axes, or ``None`` to keep the data's.
+        spatial_size: output voxels per axis.
+        size_mode: ``"crop"`` or ``"resize"``.
+    """
+
+    SIZE_MODES = ("crop", "resize")
+
+    def __init__(
+        self,
+        keys: KeysCollection = "image",
+        orientation: str = ORIENTATION,
+        spacing: Sequence[float] | None = (5.0, 2.0, 2.0),
+        spatial_size: Sequence[int] = (48, 128, 128),
+        size_mode: str = "crop",
+    ):
+        if size_mode not in self.SIZE_MODES:
+            raise ValueError(f"size_mode {size_mode!r}: choose one of {', '.join(self.SIZE_MODES)}")
+        size = tuple(int(s) for s in spatial_size)
+        steps = [CheckHeadCTd(keys), Orientationd(keys, axcodes=orientation, labels=AXIS_LABELS)]
+        if spacing is not None:
+            steps.append(Spacingd(keys, pixdim=tuple(spacing), mode="bilinear", padding_mode="border"))
+        steps.append(CropForegroundd(keys, source_key=keys if isinstance(keys, str) else keys[0], allow_smaller=True))
+        if size_mode == "crop":
+            steps += [SpatialPadd(keys, spatial_size=size, value=AIR_HU), CenterSpatialCropd(keys, roi_size=size)]
+        else:
+            steps.append(Resized(keys, spatial_size=size, mode="trilinear", anti_aliasing=False))
         super().__init__(steps)
 
 

@@ -68,8 +68,8 @@ class KnownWeights:
 
     Attributes:
         name: the table key, used in configs and on the command line.
-        network: ``"encoder"`` (:class:`~ctfm.networks.CTFMEncoder`) or ``"segresnet"``
-            (:class:`~ctfm.networks.CTFMSegResNetDS`).
+        network: ``"encoder"`` (:class:`~ctfm.networks.CTFMEncoder`), ``"segresnet"``
+            (:class:`~ctfm.networks.CTFMSegResNetDS`) or ``"classifier"`` (:class:`~ctfm.networks.CTFMClassifier`).
         arguments: the network's constructor arguments.
         files: each file, relative to the weights' folder, with its sha256 (``None`` where no copy could be
             checked yet: the first :func:`fetch` prints it, to be recorded here).
@@ -155,6 +155,26 @@ WEIGHTS: dict[str, KnownWeights] = {
             description="ctfm_segmentation's demo weights (width 8), trained on the one labelled sample CT",
             bundle="ctfm_segmentation",
         ),
+        KnownWeights(
+            name="ctfm_triage_demo",
+            network="classifier",
+            arguments={**_ENCODER_ARGS, "init_filters": 8, "num_classes": 4, "head": "mlp"},
+            files={"models/model.pt": "8b09d0f56af0c7475ad614181c0117d67f821d556d950bb75eed2cb523661673"},
+            load_path="models/model.pt",
+            url=None,
+            licence="MIT",
+            preprocessing={
+                "orientation": "SPL",
+                "spacing_mm": [5.0, 2.0, 2.0],
+                "crop_foreground": "HU > 0",
+                "pad_hu": -1024,
+                "size": [48, 128, 128],
+                "hu_windows": [[0, 80], [-125, 175], [28, 36], [-900, 2100]],
+                "windows_stacked_along": "S",
+            },
+            description="ctfm_triage's demo weights (width 8, CT-FM's recipe), trained on synthetic head phantoms",
+            bundle="ctfm_triage",
+        ),
     ]
 }
 
@@ -226,14 +246,15 @@ def load(network: nn.Module, source: str | os.PathLike, bundle_root: str | os.Pa
 
 def init_encoder(network: nn.Module, source: str | os.PathLike | None, bundle_root: str | os.PathLike | None = None) -> nn.Module:
     """``network`` with ``network.encoder`` initialised from ``source`` (an encoder, a segmentation network, a
-    Lightning checkpoint: any layout of :mod:`ctfm.checkpoint`); the rest keeps its initialisation. ``None``
+    Lightning checkpoint: any layout of :mod:`ctfm.checkpoint`; a one-channel stem adapts to an encoder of more
+    input channels); the rest keeps its initialisation. ``None``
     leaves the network as it is (training from scratch)."""
     if source is None or str(source) == "":
         logger.info("encoder: random initialisation")
         return network
     path, expected = resolve(source, bundle_root)
     check_files(expected)
-    report = load_weights(network.encoder, path, strict=True)
+    report = load_weights(network.encoder, path, strict=True, adapt_stem=True)
     logger.info("encoder initialised from %s", report.summary())
     return network
 

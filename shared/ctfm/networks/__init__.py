@@ -4,8 +4,10 @@
   (pooled embedding), one state-dict layout.
 - :mod:`ctfm.networks.contrastive` -- encoder + SimCLR projection head (``ctfm_pretrain``).
 - :mod:`ctfm.networks.segresnet` -- ``SegResNetDS`` on the encoder (``ctfm_segmentation``).
+- :mod:`ctfm.networks.classifier` -- encoder + per-finding classification head (``ctfm_triage``).
 """
 
+from ctfm.networks.classifier import CTFMClassifier
 from ctfm.networks.contrastive import ContrastiveModel, ProjectionHead
 from ctfm.networks.encoder import SIZE_DIVISOR, CTFMEmbeddingEncoder, CTFMEncoder, check_spatial_size
 from ctfm.networks.segresnet import TOTALSEG_NUM_CLASSES, CTFMSegResNetDS
@@ -13,6 +15,7 @@ from ctfm.networks.segresnet import TOTALSEG_NUM_CLASSES, CTFMSegResNetDS
 __all__ = [
     "SIZE_DIVISOR",
     "TOTALSEG_NUM_CLASSES",
+    "CTFMClassifier",
     "CTFMEmbeddingEncoder",
     "CTFMEncoder",
     "CTFMSegResNetDS",

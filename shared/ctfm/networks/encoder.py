@@ -22,8 +22,10 @@ __all__ = [
     "CTFM_BLOCKS_DOWN",
     "CTFM_INIT_FILTERS",
     "SIZE_DIVISOR",
+    "STEM_WEIGHT",
     "CTFMEmbeddingEncoder",
     "CTFMEncoder",
+    "adapt_input_conv",
     "check_spatial_size",
 ]
 
@@ -31,6 +33,8 @@ CTFM_BLOCKS_DOWN = (1, 2, 2, 4, 4)
 CTFM_INIT_FILTERS = 32
 #: Spatial sizes fed to the encoder must be multiples of this (four stride-2 downsamplings).
 SIZE_DIVISOR = 2 ** (len(CTFM_BLOCKS_DOWN) - 1)
+#: State-dict key of the encoder's first convolution, the one tensor whose shape depends on the input channels.
+STEM_WEIGHT = "conv_init.weight"
 
 
 class CTFMEncoder(SegResEncoder):
@@ -96,6 +100,24 @@ class CTFMEmbeddingEncoder(CTFMEncoder):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.embed(x)
+
+
+def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """A first-convolution ``weight`` ``(out, c, *kernel)`` for ``in_channels`` inputs, keeping its response.
+
+    ``c == 1`` to ``in_channels``: the kernel repeated on every channel and scaled by ``1 / in_channels``, so an
+    input whose channels are all equal gives exactly the one-channel output (HU windows as channels on a CT-FM
+    encoder pre-trained on one channel). ``in_channels == 1``: the sum over channels (the reverse). Otherwise the
+    channels are repeated cyclically up to ``in_channels`` and scaled by ``c / in_channels``.
+    """
+    channels = weight.shape[1]
+    if channels == in_channels:
+        return weight
+    if in_channels == 1:
+        return weight.sum(dim=1, keepdim=True)
+    repeats = -(-in_channels // channels)
+    tiled = weight.repeat(1, repeats, *([1] * (weight.ndim - 2)))[:, :in_channels]
+    return tiled * (channels / in_channels)
 
 
 def check_spatial_size(spatial_shape: Sequence[int]) -> None:
