@@ -323,6 +323,7 @@ def test_best_weights_are_saved_on_improvement_only_and_survive_a_resume(tmp_pat
     path = tmp_path / "model.pt"
     validator = SimpleNamespace(state=SimpleNamespace(key_metric_name="val_auroc", metrics={}), add_event_handler=lambda *a: None)
     saver = SaveBestNetworkWeights(net, path, validator)
+    saver.on_started(SimpleNamespace(state=SimpleNamespace(iteration=0)))
     saved = []
     for value in (0.6, 0.55, 0.7, float("nan"), 0.7):
         with torch.no_grad():
@@ -332,10 +333,10 @@ def test_best_weights_are_saved_on_improvement_only_and_survive_a_resume(tmp_pat
         saved.append(round(float(torch.load(path, weights_only=True)["bias"]), 4))
     assert saved == [0.6, 0.6, 0.7, 0.7, 0.7]
     resumed = SaveBestNetworkWeights(net, path, validator)
-    resumed.load_state_dict(saver.state_dict())
-    validator.state.metrics["val_auroc"] = 0.65  # below the best before the resume: kept out
+    resumed.on_started(SimpleNamespace(state=SimpleNamespace(iteration=96)))  # resumed from a checkpoint
+    validator.state.metrics["val_auroc"] = 0.65  # below the best saved before the kill: kept out
     resumed.on_validation(validator)
     assert resumed.best == 0.7 and round(float(torch.load(path, weights_only=True)["bias"]), 4) == 0.7
     fresh = SaveBestNetworkWeights(net, path, validator)
-    fresh.load_state_dict(SaveBestNetworkWeights(net, path, validator).state_dict())
+    fresh.on_started(SimpleNamespace(state=SimpleNamespace(iteration=0)))  # a new run: its own first best
     assert fresh.best is None

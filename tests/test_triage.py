@@ -219,3 +219,36 @@ def test_write_triaged_writes_json_csv_and_saliency_and_keeps_inputs_apart(tmp_p
     assert json.loads((tmp_path / "flat" / "ct_triage.json").read_text())["source"].endswith("s1/ct.nii.gz")
     with pytest.raises(CTFMError, match="2 probabilities for 3 findings"):
         WriteTriaged(findings=["a", "b", "c"], output_dir=tmp_path / "o2")({"pred": pred, "image": image})
+
+
+def test_the_test_set_is_held_out_from_training(tmp_path):
+    from ctfm.triage.datasets import TriageCase, TriageDataset, held_out_test_set
+
+    def dataset(source, *cases):
+        return TriageDataset(("a",), tuple(TriageCase(i, p, str(tmp_path / img), {"a": float(n % 2)}) for n, (i, p, img) in enumerate(cases)), source)
+
+    train = dataset("train.csv", ("c1", "p1", "1.nii.gz"), ("c2", "p2", "2.nii.gz"), ("c3", "p3", "3.nii.gz"))
+    split = {"train": ["c1"], "validation": ["c2"], "test": ["c3"]}
+    assert [c.id for c in held_out_test_set(train, split).cases] == ["c3"]  # the split's own test part
+    external = dataset("test.csv", ("t1", "q1", "9.nii.gz"))
+    assert held_out_test_set(train, split, external) is external
+    with pytest.raises(CTFMError, match=r"test.csv: 1 image\(s\) of the test set are also in training"):
+        held_out_test_set(train, split, dataset("test.csv", ("t1", "q1", "2.nii.gz")))
+    with pytest.raises(CTFMError, match=r"test.csv: 1 patient\(s\) of the test set are also in training"):
+        held_out_test_set(train, split, dataset("test.csv", ("t1", "p1", "8.nii.gz")))
+    with pytest.raises(CTFMError, match="no test cases"):
+        held_out_test_set(train, {"train": ["c1"], "validation": ["c2"], "test": []})
+
+
+def test_mean_auroc_key_metric_scores_the_findings_it_can():
+    from ignite.engine import Engine
+
+    from ctfm.triage.evaluation import MeanAUROC
+
+    batches = [  # finding 0 separable, finding 1 never positive (an EDH-like finding in a small validation split)
+        [{"pred": torch.tensor([0.9, 0.2]), "label": torch.tensor([1.0, 0.0])}, {"pred": torch.tensor([0.1, 0.3]), "label": torch.tensor([0.0, 0.0])}],
+        [{"pred": torch.tensor([0.8, 0.1]), "label": torch.tensor([1.0, 0.0])}],
+    ]
+    engine = Engine(lambda e, batch: batch)
+    MeanAUROC(lambda out: ([o["pred"] for o in out], [o["label"] for o in out])).attach(engine, "val_auroc")
+    assert engine.run(batches).metrics["val_auroc"] == 1.0

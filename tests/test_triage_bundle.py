@@ -28,6 +28,8 @@ from ctfm.triage.demo import FINDINGS, write_phantom_set
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ctfm_triage"
 CONFIGS = BUNDLE / "configs"
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+#: Numbers compared across runs or runtimes come from fp32 on the CPU, whatever the machine has.
+CPU = {"device": "$torch.device('cpu')", "amp": False}
 #: CT-FM's recipe on a coarse grid: 16 x 32 x 32 voxels of 10 x 6 x 6 mm, width 4.
 TINY = {"init_filters": 4, "spacing": "[10,6,6]", "input_size": "[16,32,32]", "num_workers": 0, "n_bootstrap": 50}
 
@@ -93,7 +95,7 @@ def test_evaluate_prints_metrics_with_intervals_and_writes_the_report(tmp_path, 
     assert [line.split(":")[0] for line in lines[:-1]] == list(FINDINGS) and lines[-1].startswith("mean AUROC"), proc.stdout[-2000:]
     assert all("AUROC" in line and "AP" in line and "F1" in line and "[" in line for line in lines[:-1])
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == [
-        "metrics.json", "pr.png", "probabilities.csv", "reliability.png", "roc.png", "split.json"]
+        "metrics.json", "pr.png", "probabilities.csv", "reliability.png", "roc.png"]  # the split stays the run's
     rows = list(csv.DictReader(open(tmp_path / "probabilities.csv")))
     assert len(rows) == 8
     metrics = json.loads((tmp_path / "metrics.json").read_text())
@@ -103,11 +105,12 @@ def test_evaluate_prints_metrics_with_intervals_and_writes_the_report(tmp_path, 
 
 def test_inference_writes_probabilities_and_saliency_for_nifti_and_dicom(tmp_path, trained, data):
     phantom = head_phantom(seed=3, bleed=True)
-    write_ct_series(phantom.image, phantom.affine, data / "dicom" / "head_series", seed=0)
+    write_ct_series(phantom.image, phantom.affine, tmp_path / "dicom" / "head_series", seed=0)
     out = tmp_path / "out"
-    run_bundle(["inference.json"], dataset_dir=data, datalist="['imagesTs/head_test_000.nii.gz', 'dicom/head_series']",
+    series = tmp_path / "dicom" / "head_series"
+    run_bundle(["inference.json"], dataset_dir=data, datalist=f"['imagesTs/head_test_000.nii.gz', '{series}']",
                ckpt_path=trained / "models" / "model.pt", output_dir=out, init_filters=4, spacing="[10,6,6]", input_size="[16,32,32]")
-    for stem in ("imagesTs/head_test_000", "dicom/head_series"):
+    for stem in ("imagesTs/head_test_000", "head_series"):  # a series outside dataset_dir keeps its own name
         record = json.loads((out / f"{stem}_triage.json").read_text())
         assert set(record["findings"]) == set(FINDINGS) and all(0 <= p <= 1 for p in record["findings"].values())
         assert (out / f"{stem}_saliency.png").read_bytes()[:4] == b"\x89PNG"
@@ -117,8 +120,8 @@ def test_inference_writes_probabilities_and_saliency_for_nifti_and_dicom(tmp_pat
 def test_onnx_runtime_inference_gives_the_torch_probabilities(tmp_path, trained, data):
     common = dict(dataset_dir=data, datalist="imagesTs/head_test_00[0-2].nii.gz", ckpt_path=trained / "models" / "model.pt",
                   init_filters=4, spacing="[10,6,6]", input_size="[16,32,32]", write_saliency=False)
-    run_bundle(["inference.json"], output_dir=tmp_path / "torch", **common)
-    run_bundle(["inference.json", "inference_onnx.json"], output_dir=tmp_path / "onnx", onnx_path=tmp_path / "m.onnx", **common)
+    run_bundle(["inference.json"], output_dir=tmp_path / "torch", **common, **CPU)
+    run_bundle(["inference.json", "inference_onnx.json"], output_dir=tmp_path / "onnx", onnx_path=tmp_path / "m.onnx", **common, **CPU)
     for i in range(3):
         stem = f"imagesTs/head_test_00{i}_triage.json"
         torch_p = json.loads((tmp_path / "torch" / stem).read_text())["findings"]
@@ -176,7 +179,7 @@ def test_bad_inputs_end_with_one_line_and_no_output(tmp_path, trained, case):
 def test_shipped_weights_evaluate_to_the_metadata_numbers(tmp_path):
     """evaluate.json with the shipped weights on the demo test set prints what metadata.json records."""
     meta = json.loads((CONFIGS / "metadata.json").read_text())["eval_metrics"]
-    proc = run_bundle(["train.json", "evaluate.json"], output_dir=tmp_path)
+    proc = run_bundle(["train.json", "evaluate.json"], output_dir=tmp_path, **CPU)
     printed = json.loads((tmp_path / "metrics.json").read_text())
     from ctfm.triage.evaluation import metadata_eval_metrics
 
@@ -187,7 +190,7 @@ def test_shipped_weights_on_the_real_head_ct_nifti_and_dicom(tmp_path):
     from ctfm.triage.demo import real_head_dir
 
     try:
-        real = real_head_dir(tmp_path / "real", cache_dir=os.environ.get("CTFM_DATA_DIR"))
+        real = real_head_dir(tmp_path / "real")
     except CTFMError as err:  # no Debian mirror reachable: the one input that needs a download
         pytest.skip(f"the real head CT could not be fetched: {err}")
     out = tmp_path / "out"

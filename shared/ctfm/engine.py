@@ -10,6 +10,7 @@ interrupted run had, so that a resumed run on CPU ends with the same weights as 
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import math
 import os
@@ -476,42 +477,57 @@ class SaveNetworkWeights:
 
 class SaveBestNetworkWeights(SaveNetworkWeights):
     """Write the network's state dict to ``path`` each time ``validator``'s key metric reaches a new best (higher
-    is better), atomically, rank 0 only; a run that never validated writes it when the trainer completes.
+    is better), atomically, rank 0 only; a run whose validation never gave a finite metric writes it when the
+    trainer completes, and says so.
 
-    Attach to the trainer; shipped targets are refused when the trainer starts, as :class:`SaveNetworkWeights`.
-    Put it in the checkpoint's ``save_dict`` and ``load_dict`` too (it has ``state_dict``): a resumed run then
-    keeps the best so far instead of taking its first validation as the best.
+    The best value goes with the weights, in ``<path>.best.json`` (written after them): a run resumed from a
+    checkpoint (the trainer starts at a non-zero iteration) takes it as the best so far, so weights saved after the
+    last checkpoint are not replaced by worse ones. Attach to the trainer; shipped targets are refused when the
+    trainer starts, as :class:`SaveNetworkWeights`.
     """
 
     def __init__(self, network: nn.Module, path: str | os.PathLike, validator: Engine):
         super().__init__(network, path)
         self.validator = validator
         self.best: float | None = None
+        self.record = self.path.with_name(self.path.name + ".best.json")
+
+    def targets(self) -> list[Path]:
+        return [self.path, self.record]
 
     def attach(self, engine: Engine) -> None:
         engine.add_event_handler(Events.STARTED, self.refuse_shipped_targets)
+        engine.add_event_handler(Events.STARTED, self.on_started)
         self.validator.add_event_handler(Events.COMPLETED, self.on_validation)
         engine.add_event_handler(Events.COMPLETED, self.on_completed)
+
+    def on_started(self, engine: Engine) -> None:
+        self.best = None
+        if engine.state.iteration > 0 and self.record.is_file() and self.path.is_file():
+            try:
+                self.best = float(json.loads(self.record.read_text())["value"])
+                logger.info("resumed: best %s so far %.4f (%s)", self.record, self.best, self.path)
+            except (ValueError, KeyError, TypeError):
+                logger.warning("%s: unreadable; the first validation of this run sets the best", self.record)
 
     def on_validation(self, validator: Engine) -> None:
         name = getattr(validator.state, "key_metric_name", None)
         value = validator.state.metrics.get(name) if name else None
-        if value is None or not np.isfinite(value) or (self.best is not None and value <= self.best):
+        if value is None or not np.isfinite(value):
+            logger.warning("validation %s is %s: no weights saved for it", name, value)
+            return
+        if self.best is not None and value <= self.best:
             return
         self.best = float(value)
         logger.info("new best %s %.4f", name, self.best)
         self(validator)
-
-    def state_dict(self) -> dict:
-        return {"best": torch.tensor(float("nan") if self.best is None else self.best, dtype=torch.float64)}
-
-    def load_state_dict(self, state: Mapping) -> None:
-        best = float(state["best"])
-        self.best = None if math.isnan(best) else best
+        if not (dist.is_initialized() and dist.get_rank() != 0):
+            with atomic_path(self.record) as tmp:
+                tmp.write_text(json.dumps({"metric": name, "value": self.best}) + "\n")
 
     def on_completed(self, engine: Engine) -> None:
         if self.best is None:
-            logger.warning("no validation ran: saving the final weights to %s", self.path)
+            logger.warning("no validation gave a finite key metric: saving the final weights to %s", self.path)
             self(engine)
 
 

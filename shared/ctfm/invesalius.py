@@ -62,6 +62,7 @@ __all__ = [
     "cranium_cache_dir",
     "fetch_cranium",
     "read_inv3",
+    "repository_root",
     "write_cranium_nifti",
 ]
 
@@ -395,7 +396,7 @@ def write_cranium_nifti(dest: str | os.PathLike, cache_dir: str | os.PathLike | 
     inside this package's repository is refused.
     """
     dest = Path(dest)
-    repo = _repository_root()
+    repo = repository_root()
     if repo is not None and dest.resolve().is_relative_to(repo):
         raise CTFMError(f"{dest}: inside the repository {repo}; the InVesalius CT (GPL-2) must stay out of it")
     image, affine = read_inv3(fetch_cranium(cache_dir))
@@ -408,7 +409,7 @@ def write_cranium_nifti(dest: str | os.PathLike, cache_dir: str | os.PathLike | 
     return dest
 
 
-def _repository_root() -> Path | None:
+def repository_root() -> Path | None:
     """The git work tree this source file lies in, if any (``shared/ctfm/invesalius.py`` -> the repository)."""
     for parent in Path(__file__).resolve().parents:
         if (parent / ".git").exists():

@@ -91,6 +91,7 @@ __all__ = [
     "SPLIT_PARTS",
     "TriageCase",
     "TriageDataset",
+    "held_out_test_set",
     "label_fraction",
     "load_split",
     "read_cq500",
@@ -1131,6 +1132,33 @@ def subset(dataset: TriageDataset, ids: Iterable[str]) -> TriageDataset:
     if duplicate is not None:
         raise CTFMError(f"{where}: case {duplicate[0]!r} asked for twice by subset")
     return TriageDataset(findings=dataset.findings, cases=tuple(by_id[i] for i in ids), source=dataset.source)
+
+
+def held_out_test_set(
+    dataset: TriageDataset, split: Mapping[str, Sequence[str]], test: TriageDataset | None = None
+) -> TriageDataset:
+    """The test set of a run: ``test`` (an external set, e.g. CQ500 after training on SinoCT) or, when it is
+    ``None``, the split's own test part; either way refused if it shares a case, a patient or an image with the
+    split's training or validation part (one line naming both).
+
+    Raises:
+        CTFMError: an overlap, or no test cases at all.
+    """
+    seen = [case for part in ("train", "validation") for case in subset(dataset, split.get(part, ())).cases]
+    from_split = test is None
+    test = subset(dataset, split.get("test", ())) if from_split else test
+    where = test.source or dataset.source or "test set"
+    if not test.cases:
+        raise CTFMError(f"{where}: no test cases (give test_source, or a non-zero test fraction in split_fractions)")
+    if not from_split:  # the split's own parts are disjoint by patient already
+        for name, key in (("image", lambda c: os.path.realpath(c.image)), ("patient", lambda c: c.patient)):
+            common = {key(c) for c in seen} & {key(c) for c in test.cases}
+            if common:
+                raise CTFMError(
+                    f"{where}: {len(common)} {name}(s) of the test set are also in training or validation "
+                    f"({dataset.source}), e.g. {sorted(common)[0]}: the test set must be held out"
+                )
+    return test
 
 
 def label_fraction(dataset: TriageDataset, fraction: float, seed: int) -> TriageDataset:

@@ -32,6 +32,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 from ctfm.lesions import LESION_KINDS, head_masks, lesion_case
 from ctfm.phantom import head_phantom
@@ -70,8 +71,8 @@ def _locked(path: Path):
 
 
 def demo_dir(dest: str | os.PathLike | None = None) -> Path:
-    """The phantom demo set's folder (default ``<data cache>/triage_demo_v<N>``), generated if missing (about a
-    minute); returns it."""
+    """The phantom demo set's folder (default ``<data cache>/triage_demo_v<N>``), generated if missing (about
+    15 s); returns it."""
     root = Path(dest) if dest is not None else data_cache_dir() / f"triage_demo_v{DEMO_VERSION}"
     if (root / "dataset.json").is_file():
         return root
@@ -148,9 +149,12 @@ def real_head_dir(dest: str | os.PathLike | None = None, cache_dir: str | os.Pat
         CTFMError: the CT cannot be fetched (see :func:`ctfm.invesalius.fetch_cranium`).
     """
     from ctfm.dicom_series import write_ct_series
-    from ctfm.invesalius import fetch_cranium, read_inv3
+    from ctfm.invesalius import fetch_cranium, read_inv3, repository_root
 
     root = Path(dest) if dest is not None else data_cache_dir() / f"triage_real_v{DEMO_VERSION}"
+    repo = repository_root()
+    if repo is not None and root.resolve().is_relative_to(repo):
+        raise CTFMError(f"{root}: inside the repository {repo}; the InVesalius CT (GPL-2) must stay out of it")
     if (root / "labels.csv").is_file():
         return root
     with _locked(root):

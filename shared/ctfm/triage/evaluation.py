@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from ignite.engine import Engine, Events
+from ignite.metrics import EpochMetric
 from sklearn.metrics import (
     average_precision_score,
     precision_recall_curve,
@@ -40,6 +41,7 @@ from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 
 __all__ = [
+    "MeanAUROC",
     "ECE_BINS",
     "TriageReport",
     "choose_thresholds",
@@ -624,6 +626,33 @@ def _bracket(interval: list[float] | None) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------ handler
+
+
+class MeanAUROC(EpochMetric):
+    """Ignite / MONAI key metric: the mean AUROC over the findings that have both classes in the data.
+
+    MONAI's macro ``ROCAUC`` is NaN for the whole run as soon as one finding (EDH, say) has no positive in the
+    validation split; this one averages the findings it can score and is NaN only when none can. The output
+    transform gives ``(preds, labels)``: lists of ``(F,)`` tensors (MONAI's decollated output) or ``(B, F)``.
+    """
+
+    def __init__(self, output_transform=lambda output: output, device="cpu"):
+        super().__init__(_mean_defined_auroc, output_transform=self._stacked(output_transform), check_compute_fn=False, device=device)
+
+    @staticmethod
+    def _stacked(transform):
+        def stacked(output):
+            pred, label = transform(output)
+            as_batch = lambda v: torch.stack([torch.as_tensor(t).reshape(-1) for t in v]) if isinstance(v, (list, tuple)) else torch.as_tensor(v)  # noqa: E731
+            return as_batch(pred).float(), as_batch(label).float()
+
+        return stacked
+
+
+def _mean_defined_auroc(y_pred: torch.Tensor, y: torch.Tensor) -> float:
+    y_true, y_prob = y.cpu().numpy(), y_pred.cpu().numpy()
+    scores = [roc_auc_score(y_true[:, f], y_prob[:, f]) for f in range(y_true.shape[1]) if len(np.unique(y_true[:, f])) == 2]
+    return float(np.mean(scores)) if scores else float("nan")
 
 
 class TriageReport:

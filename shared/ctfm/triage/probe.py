@@ -241,7 +241,7 @@ def run_probe(
 
     findings = list(train_data.findings)
     if list(test_data.findings) != findings:
-        raise CTFMError(f"the test set's findings {list(test_data.findings)} differ from training's {findings}")
+        raise CTFMError(f"{test_data.source}: the test set's findings {list(test_data.findings)} differ from training's {findings}")
     parts = {"train": subset(train_data, split["train"]), "validation": subset(train_data, split["validation"]), "test": test_data}
     labels = {name: np.array([[c.labels[f] for f in findings] for c in part.cases]) for name, part in parts.items()}
     out = Path(output_dir) / "probe"
@@ -254,11 +254,13 @@ def run_probe(
         started = time.perf_counter()
         x = {}
         for part_name, part in parts.items():
-            report = extract_embeddings(store, part.items(), transform, encoder.embed, device=device)
+            # rows keyed by the image's real path: two datasets' case ids may coincide, their files do not
+            items = [{**item, "key": os.path.realpath(item["image"])} for item in part.items()]
+            report = extract_embeddings(store, items, transform, encoder.embed, id_key="key", device=device)
             if report.failed:
                 first = next(iter(report.failed.values()))
                 raise CTFMError(f"{len(report.failed)} scans of the {part_name} set could not be embedded (first: {first})")
-            x[part_name] = store.matrix([c.id for c in part.cases])
+            x[part_name] = store.matrix([item["key"] for item in items])
         extract_s = time.perf_counter() - started
         started = time.perf_counter()
         probe = fit_linear_probe(x["train"], labels["train"], seed=seed)
