@@ -16,7 +16,8 @@ from ctfm.networks import CTFMClassifier, CTFMEncoder
 from ctfm.networks.encoder import adapt_input_conv
 from ctfm.phantom import head_phantom
 from ctfm.transforms import FMCT_HEAD_WINDOWS, HEAD_CT_WINDOWS, CheckHeadCTd, HeadCTGridd, HUWindowsd
-from ctfm.triage.probe import _stratified_indices, few_shot, fit_linear_probe, label_efficiency, mean_auroc
+from ctfm.triage.datasets import label_fraction_indices
+from ctfm.triage.probe import few_shot, fit_linear_probe, label_efficiency, mean_auroc
 from ctfm.triage.saliency import fold_windows, gradcam
 from ctfm.weights import init_encoder, load
 
@@ -169,7 +170,7 @@ def test_label_efficiency_subsamples_keep_both_classes_of_every_finding():
     x_train, y_train = separable(100, 3)
     x_test, y_test = separable(40, 4)
     for seed in range(5):
-        chosen = _stratified_indices(y_train, 0.02, seed)
+        chosen = label_fraction_indices(y_train, 0.02, seed)
         assert len(chosen) >= 2 and all(len(np.unique(y_train[chosen, f])) == 2 for f in range(2))
     rows = label_efficiency(x_train, y_train, x_test, y_test, fractions=(0.05, 1.0), seeds=range(3))
     assert [r["labels"] for r in rows][1] == 100 and rows[0]["labels"] < 10

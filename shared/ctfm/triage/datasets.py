@@ -93,6 +93,7 @@ __all__ = [
     "TriageDataset",
     "held_out_test_set",
     "label_fraction",
+    "label_fraction_indices",
     "load_split",
     "read_cq500",
     "read_csv_dataset",
@@ -1162,30 +1163,44 @@ def held_out_test_set(
 
 
 def label_fraction(dataset: TriageDataset, fraction: float, seed: int) -> TriageDataset:
-    """A stratified, seeded subsample of ``fraction`` of the cases, for label-efficiency runs.
-
-    ``round(fraction * cases)`` cases (at least 1) are kept, positives and negatives of the first finding in the
-    dataset's proportion, plus -- first, so possibly more cases than the fraction -- one positive and one
-    negative case of every finding that has them. Cases are drawn in the order of one
-    ``numpy.random.default_rng(seed)`` permutation, so for one seed a smaller fraction's cases are a subset of a
-    larger one's (nested label-efficiency curves). Cases, not patients, are sampled; cases keep dataset order.
+    """A stratified, seeded subsample of ``fraction`` of the cases, for label-efficiency runs
+    (:func:`label_fraction_indices` on the dataset's labels; cases keep dataset order).
 
     Raises:
         CTFMError: ``fraction`` not in (0, 1], or an empty dataset.
     """
     where = dataset.source or "triage dataset"
+    indices = label_fraction_indices(dataset.label_array(), fraction, seed, where)
+    if len(indices) == len(dataset.cases):
+        return dataset
+    kept = tuple(dataset.cases[i] for i in indices)
+    logger.info("%s: label fraction %g with seed %d keeps %d of %d cases", where, fraction, seed, len(kept), len(dataset.cases))
+    return TriageDataset(findings=dataset.findings, cases=kept, source=dataset.source)
+
+
+def label_fraction_indices(labels: np.ndarray, fraction: float, seed: int, where: str = "labels") -> np.ndarray:
+    """Sorted row indices of a stratified, seeded subsample of ``fraction`` of ``labels`` ``(N, F)`` (0 / 1).
+
+    ``round(fraction * N)`` rows (at least 1) are kept, positives and negatives of the first finding in their
+    proportion, plus -- first, so possibly more rows than the fraction -- one positive and one negative of every
+    finding that has them. Rows are drawn in the order of one ``numpy.random.default_rng(seed)`` permutation, so
+    for one seed a smaller fraction's rows are a subset of a larger one's (nested label-efficiency curves).
+
+    Raises:
+        CTFMError: ``fraction`` not in (0, 1], or no rows.
+    """
     try:
         fraction = float(fraction)
     except (TypeError, ValueError):
         raise CTFMError(f"{where}: label fraction {fraction!r} is not a number") from None
     if not 0 < fraction <= 1:
         raise CTFMError(f"{where}: label fraction {fraction} is not in (0, 1]")
-    count = len(dataset.cases)
+    labels = np.asarray(labels) > 0.5
+    count = len(labels)
     if count == 0:
         raise CTFMError(f"{where}: cannot subsample an empty dataset")
     if fraction == 1:
-        return dataset
-    labels = dataset.label_array() > 0.5
+        return np.arange(count)
     order = np.random.default_rng(seed).permutation(count)
     chosen: list[int] = []
     for finding in range(labels.shape[1]):
@@ -1206,6 +1221,4 @@ def label_fraction(dataset: TriageDataset, fraction: float, seed: int) -> Triage
         if i not in chosen_set and have[key] < wanted_count[key]:
             chosen_set.add(int(i))
             have[key] += 1
-    kept = tuple(dataset.cases[i] for i in sorted(chosen_set))
-    logger.info("%s: label fraction %g with seed %d keeps %d of %d cases", where, fraction, seed, len(kept), count)
-    return TriageDataset(findings=dataset.findings, cases=kept, source=dataset.source)
+    return np.array(sorted(chosen_set))

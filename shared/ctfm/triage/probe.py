@@ -33,6 +33,7 @@ from sklearn.preprocessing import StandardScaler
 from ctfm.embedding_store import EmbeddingStore, extract_embeddings
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
+from ctfm.triage.datasets import label_fraction_indices
 
 __all__ = [
     "LinearProbe",
@@ -147,14 +148,15 @@ def label_efficiency(
 ) -> list[dict]:
     """Linear-probe mean AUROC on the test set when trained on a stratified ``fraction`` of the training labels.
 
-    Each subsample keeps at least one positive and one negative per finding where the split has them. Returns rows
+    Subsamples are :func:`ctfm.triage.datasets.label_fraction_indices` (as ``train_fraction`` in fine-tuning):
+    at least one positive and one negative per finding where the split has them. Returns rows
     ``{"fraction", "labels", "auroc_mean", "auroc_std", "runs"}`` (``labels``: training cases used).
     """
     rows = []
     for fraction in fractions:
         scores, sizes = [], []
         for seed in seeds:
-            chosen = _stratified_indices(y_train, fraction, seed)
+            chosen = label_fraction_indices(y_train, fraction, seed)
             probe = fit_linear_probe(x_train[chosen], y_train[chosen], seed=seed)
             scores.append(mean_auroc(y_test, probe.predict_proba(x_test)))
             sizes.append(len(chosen))
@@ -163,23 +165,6 @@ def label_efficiency(
         rows.append({"fraction": float(fraction), "labels": int(np.median(sizes)), "auroc_mean": float(np.nanmean(scores)),
                      "auroc_std": float(np.nanstd(scores)), "runs": len(scores)})
     return rows
-
-
-def _stratified_indices(y: np.ndarray, fraction: float, seed: int) -> np.ndarray:
-    """Indices of about ``fraction`` of the rows of ``y`` ``(N, F)``, at least one positive and one negative per
-    finding where there are any, the rest drawn at random (seeded)."""
-    rng = np.random.default_rng(seed)
-    n = len(y)
-    count = max(int(round(fraction * n)), 2)
-    chosen: set[int] = set()
-    for f in range(y.shape[1]):
-        for value in (1, 0):
-            pool = np.flatnonzero(y[:, f] == value)
-            if len(pool) and not any(y[i, f] == value for i in chosen):
-                chosen.add(int(rng.choice(pool)))
-    rest = rng.permutation([i for i in range(n) if i not in chosen])
-    chosen.update(int(i) for i in rest[: max(count - len(chosen), 0)])
-    return np.array(sorted(chosen))
 
 
 def encoders_to_compare(
