@@ -3,7 +3,7 @@
     python ci/package_bundle.py [bundles/NAME ...] [--out dist]
 
 A bundle that fails ``verify_bundle`` is not packed. Training by-products (checkpoints, TensorBoard runs,
-evaluation outputs, TorchScript/ONNX/TensorRT exports, caches, hidden files) stay out; large files listed in
+evaluation outputs, TorchScript/ONNX/TensorRT exports, caches, embedding stores and indexes, hidden files) stay out; large files listed in
 ``large_files.yml`` are left for the registry to fetch. A symlink anywhere in the bundle is refused (the zip
 would otherwise carry the link target's content).
 
@@ -29,7 +29,7 @@ from verify_bundle import check_symlinks, verify  # noqa: E402
 
 from ctfm.files import sha256sum  # noqa: E402
 
-EXCLUDED_PARTS = {"checkpoints", "runs", "eval", "__pycache__", ".cache"}
+EXCLUDED_PARTS = {"checkpoints", "runs", "eval", "cache", "store", "index", "__pycache__", ".cache"}
 #: exports built from the weights (git ignores ``bundles/*/models/*.{ts,onnx,engine,plan}``): a clone has none
 EXCLUDED_SUFFIXES = {".engine", ".plan", ".onnx", ".ts", ".pyc"}
 #: the model zoo's ``touch -t 202205300000``

@@ -122,6 +122,8 @@ REQUIRED_FILES = NECESSARY_FILES + PREFERRED_FILES + OUR_REQUIRED_FILES
 CONFIG_SUFFIXES = (".json", ".yaml", ".yml")
 #: An override config (no ``bundle_root`` of its own) is checked merged onto this base config.
 OVERRIDE_BASES = {"multi_gpu_train": "train", "evaluate": "train", "multi_gpu_evaluate": "train"}
+#: Stems of the infer config, in order of preference (:func:`infer_config`).
+INFER_STEMS = ("inference", "extract")
 #: hash_type -> number of hex digits of its digest, for every hash MONAI's ``download_url`` supports.
 HASH_HEX_LENGTHS = {name: 2 * hashlib.new(name).digest_size for name in SUPPORTED_HASH_TYPES}
 _REFERENCE = re.compile(r"@([\w#]+(?:::[\w#]+)*)")
@@ -142,9 +144,21 @@ def config_files(bundle: Path) -> list[Path]:
     return sorted(p for p in (bundle / "configs").iterdir() if p.suffix in CONFIG_SUFFIXES and p.stem != "metadata")
 
 
+def infer_config(bundle: Path) -> Path | None:
+    """The config MONAI's infer workflow reads: ``inference.json``, or for a bundle whose inference is an
+    embedding pass and which ships no such file, ``extract.json`` (ctfm_retrieval)."""
+    return next((c for stem in INFER_STEMS if (c := find_config(bundle, stem)) is not None), None)
+
+
 def base_of(config: Path) -> str:
-    stem = config.stem
-    return OVERRIDE_BASES.get(stem) or ("inference" if stem.startswith("inference_") else "train")
+    """The config an override file is merged onto: its named base, ``inference`` for ``inference_*``, else
+    ``train``, or the infer config in a bundle that has no train config."""
+    stem, bundle = config.stem, config.parents[1]
+    if stem.startswith("inference_"):
+        return "inference"
+    if find_config(bundle, "train") is None and (infer := infer_config(bundle)) is not None:
+        return infer.stem
+    return OVERRIDE_BASES.get(stem) or "train"
 
 
 def _load_metadata(bundle: Path) -> tuple[dict | None, list[str]]:
@@ -210,8 +224,8 @@ def spatial_dims(shape: Iterable, n: int = 1, p: int = 1, any_: int = 1) -> tupl
 
 def check_files(bundle: Path) -> list[str]:
     problems = [f"{bundle}: missing {name}" for name in REQUIRED_FILES if not (bundle / name).is_file()]
-    if (bundle / "configs").is_dir() and find_config(bundle, "inference") is None:
-        problems.append(f"{bundle}: missing configs/inference.json (or .yaml/.yml)")
+    if (bundle / "configs").is_dir() and infer_config(bundle) is None:
+        problems.append(f"{bundle}: missing configs/inference.json (or .yaml/.yml; extract.json for an embedding bundle)")
     return problems
 
 
@@ -441,7 +455,7 @@ def check_large_files(bundle: Path) -> list[str]:
 
 
 def _workflow_config(bundle: Path, workflow_type: str) -> Path | None:
-    return find_config(bundle, "inference" if workflow_type == "infer" else "train")
+    return infer_config(bundle) if workflow_type == "infer" else find_config(bundle, "train")
 
 
 def check_property_ids(bundle: Path) -> list[str]:
@@ -453,6 +467,8 @@ def check_property_ids(bundle: Path) -> list[str]:
     problems = []
     for workflow_type, properties in (("infer", InferProperties), ("train", TrainProperties)):
         config = _workflow_config(bundle, workflow_type)
+        if config is None and workflow_type == "train" and infer_config(bundle) is not None and infer_config(bundle).stem == "extract":
+            continue  # a frozen-encoder bundle (ctfm_retrieval) trains nothing
         if config is None:
             problems.append(f"{bundle}: no {'inference' if workflow_type == 'infer' else 'train'} config")
             continue
@@ -534,7 +550,7 @@ print("EXPORTED_AND_LOADED")
 
 def check_onnx_export(bundle: Path, timeout: float = 600) -> list[str]:
     """MONAI's ``onnx_export`` of ``models/model.pt`` into a temporary folder, then an ONNX Runtime session on it."""
-    config, ckpt = find_config(bundle, "inference"), bundle / "models" / "model.pt"
+    config, ckpt = infer_config(bundle), bundle / "models" / "model.pt"
     if config is None or not ckpt.is_file():
         return [f"{bundle}: onnx_export needs configs/inference.json and models/model.pt"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -555,7 +571,7 @@ def check_net_in_out(bundle: Path, device: str = "cpu") -> list[str]:
     with ``outputs.pred.spatial_shape`` (a (batch, channels) output matches an all-ones spatial shape)."""
     from monai.bundle import verify_net_in_out
 
-    config, meta_file = find_config(bundle, "inference"), bundle / "configs" / "metadata.json"
+    config, meta_file = infer_config(bundle), bundle / "configs" / "metadata.json"
     if config is None:
         return [f"{bundle}: no inference config"]
     try:
@@ -608,7 +624,7 @@ def check_ckpt_export(bundle: Path, timeout: float = 600) -> list[str]:
     the bundle) and ``torch.jit.load`` of the result and of ``models/model.ts`` when the bundle ships one. Runs in a
     subprocess, as the model zoo runs each bundle in its own process: TorchScript keeps every class it compiled, so
     a second bundle scripting the same encoder class in one process fails for that reason alone."""
-    config, ckpt = find_config(bundle, "inference"), bundle / "models" / "model.pt"
+    config, ckpt = infer_config(bundle), bundle / "models" / "model.pt"
     if config is None or not ckpt.is_file():
         return [f"{bundle}: ckpt_export needs configs/inference.json and models/model.pt"]
     shipped = bundle / "models" / "model.ts"

@@ -19,6 +19,7 @@ from monai.bundle import ConfigWorkflow
 from safetensors.torch import load_file
 
 from ctfm.bundle import check_overrides, config_ids
+from ctfm.networks import CTFMEmbeddingEncoder
 from ctfm.errors import CTFMError
 from ctfm.weights import fetch
 
@@ -43,6 +44,13 @@ WORKFLOWS = [
     ("ctfm_triage", ["train.json", "recipe_fmct.json"], "train"),
     ("ctfm_triage", ["train.json", "evaluate.json"], "infer"),
     ("ctfm_triage", ["train.json", "probe.json"], "train"),
+    ("ctfm_retrieval", ["extract.json"], "infer"),
+    ("ctfm_retrieval", ["extract.json", "extract_onnx.json"], "infer"),
+    ("ctfm_retrieval", ["extract.json", "extract_trt.json"], "infer"),
+    ("ctfm_retrieval", ["extract.json", "index.json"], "infer"),
+    ("ctfm_retrieval", ["extract.json", "query.json"], "infer"),
+    ("ctfm_retrieval", ["extract.json", "evaluate.json"], "infer"),
+    ("ctfm_retrieval", ["extract.json", "probe.json"], "infer"),
 ]
 
 
@@ -91,15 +99,20 @@ def test_every_config_file_is_covered():
 
 
 def test_monai_bundle_load_with_defaults_returns_the_shipped_weights(tmp_path):
-    for name, shipped in [
-        ("ctfm_pretrain", "models/encoder_hf/model.safetensors"),
-        ("ctfm_segmentation", "models/model.pt"),
-        ("ctfm_triage", "models/model.pt"),
+    for name, shipped, config in [
+        ("ctfm_pretrain", "models/encoder_hf/model.safetensors", {}),
+        ("ctfm_segmentation", "models/model.pt", {}),
+        ("ctfm_triage", "models/model.pt", {}),
+        # no train.json to read network_def from (a frozen encoder): MONAI returns the state dict, or fills a model
+        ("ctfm_retrieval", "models/model.pt", {"model": CTFMEmbeddingEncoder(init_filters=8)}),
     ]:
         shutil.copytree(BUNDLES / name, tmp_path / name, ignore=shutil.ignore_patterns("eval", "runs"))
-        network = monai.bundle.load(name, bundle_dir=str(tmp_path))
+        network = monai.bundle.load(name, bundle_dir=str(tmp_path), **config)
         path = tmp_path / name / shipped
         expected = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, weights_only=True)
+        if config:
+            weights_only = monai.bundle.load(name, bundle_dir=str(tmp_path))
+            assert all(torch.equal(weights_only[k], expected[k]) for k in expected) and sorted(weights_only) == sorted(expected)
         state = network.state_dict()
         assert sorted(state) == sorted(expected)
         assert all(torch.equal(state[k], expected[k]) for k in expected), name
@@ -139,6 +152,7 @@ def test_importing_ctfm_changes_nothing_in_the_host_process():
         "import logging, sys\n"
         "import ctfm, ctfm.networks, ctfm.weights, ctfm.engine, ctfm.ct_io, ctfm.embedding, ctfm.bundle\n"
         "import ctfm.segmentation.outputs, ctfm.segmentation.evaluation, ctfm.pretrain.simclr\n"
+        "import ctfm.retrieval.extract, ctfm.retrieval.index, ctfm.retrieval.query, ctfm.retrieval.probe, ctfm.retrieval.evaluation\n"
         "assert sys.excepthook is sys.__excepthook__\n"
         "assert not any(h.filters for h in logging.getLogger().handlers)\n"
     )

@@ -5,7 +5,6 @@ Inference and evaluation use the shipped weights; training starts from a tiny pr
 
 import csv
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -24,10 +23,10 @@ from ctfm.sample_data import sample_path, totalseg_classes
 from ctfm.networks import CTFMSegResNetDS
 from ctfm.weights import load as load_network
 
+from bundle_runs import ENV, bundle_runner, error_line  # noqa: E402
+
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ctfm_segmentation"
 CONFIGS = BUNDLE / "configs"
-#: One thread per process: on a shared 2-core machine more threads oversubscribe and run several times slower.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 TINY_TRAIN = {"init_filters": 4, "crop_size": "[16,64,64]", "num_workers": 0, "warmup_iterations": 0, "learning_rate": 0.003}
 
 
@@ -35,22 +34,7 @@ TINY_TRAIN = {"init_filters": 4, "crop_size": "[16,64,64]", "num_workers": 0, "w
 pytestmark = pytest.mark.slow
 
 
-def run_bundle(configs, check=True, runner=(sys.executable,), cwd=None, **overrides) -> subprocess.CompletedProcess:
-    config_file = str(CONFIGS / configs[0]) if len(configs) == 1 else json.dumps([str(CONFIGS / c) for c in configs])
-    args = [f"--{k}={v}" for k, v in overrides.items()]
-    cmd = [*runner, "-m", "monai.bundle", "run", "--config_file", config_file, *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=cwd)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]  # StatsHandler's logged tracebacks too
-    return lines[0]
+run_bundle = bundle_runner(CONFIGS)
 
 
 @pytest.fixture(scope="module")

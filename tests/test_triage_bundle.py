@@ -6,8 +6,6 @@ use the shipped weights.
 
 import csv
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,9 +23,10 @@ from ctfm.phantom import head_phantom
 from ctfm.sample_data import sample_path
 from ctfm.triage.demo import FINDINGS, write_phantom_set
 
+from bundle_runs import bundle_runner, error_line  # noqa: E402
+
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ctfm_triage"
 CONFIGS = BUNDLE / "configs"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 #: Numbers compared across runs or runtimes come from fp32 on the CPU, whatever the machine has.
 CPU = {"device": "$torch.device('cpu')", "amp": False}
 #: CT-FM's recipe on a coarse grid: 16 x 32 x 32 voxels of 10 x 6 x 6 mm, width 4.
@@ -36,21 +35,7 @@ TINY = {"init_filters": 4, "spacing": "[10,6,6]", "input_size": "[16,32,32]", "n
 pytestmark = pytest.mark.slow
 
 
-def run_bundle(configs, check=True, runner=(sys.executable,), cwd=None, **overrides) -> subprocess.CompletedProcess:
-    config_file = str(CONFIGS / configs[0]) if len(configs) == 1 else json.dumps([str(CONFIGS / c) for c in configs])
-    cmd = [*runner, "-m", "monai.bundle", "run", "--config_file", config_file, *[f"--{k}={v}" for k, v in overrides.items()]]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=ENV, cwd=cwd)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-4000:]
-    return proc
-
-
-def error_line(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
-    return lines[0]
+run_bundle = bundle_runner(CONFIGS)
 
 
 @pytest.fixture(scope="module")

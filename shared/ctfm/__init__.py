@@ -10,6 +10,7 @@ Shared by every bundle
     - :mod:`ctfm.datalist` -- which CTs a run reads (``dataset_dir`` + ``datalist``) and how outputs are named.
     - :mod:`ctfm.transforms` -- CT-FM preprocessing as MONAI transforms.
     - :mod:`ctfm.embedding` -- the one embedding-extraction path (sliding patches, any encoder runtime).
+    - :mod:`ctfm.embedding_store` -- the resumable per-scan embedding store (triage probe's cache, retrieval's store).
     - :mod:`ctfm.preview` -- every PNG the bundles write.
     - :mod:`ctfm.export` -- ONNX, ONNX Runtime, int8, TensorRT.
     - :mod:`ctfm.engine` -- crash-safe checkpoints, resume, distributed setup, progress, export handlers.
@@ -19,6 +20,9 @@ Shared by every bundle
 One bundle each
     - :mod:`ctfm.pretrain` -- ``ctfm_pretrain``: one module per pre-training recipe.
     - :mod:`ctfm.segmentation` -- ``ctfm_segmentation``: data layouts, inferer, outputs, DICOM SEG, evaluation.
+    - :mod:`ctfm.triage` -- ``ctfm_triage``: head-CT datasets, demo data, evaluation, probe, saliency, outputs.
+    - :mod:`ctfm.retrieval` -- ``ctfm_retrieval``: extraction, faiss index, queries, retrieval metrics and
+      benchmarks' readers, semantic probing (one module per protocol).
 
 Axis convention, stated once: a volume read from disk is ``(X, Y, Z)`` in ITK's voxel order with a RAS affine
 (:mod:`ctfm.ct_io`); every network sees ``(S, P, L)``: CT-FM's orientation code "SPL" in MONAI's classic letters

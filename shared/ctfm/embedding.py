@@ -25,7 +25,7 @@ from ctfm.files import atomic_path
 from ctfm.networks.encoder import SIZE_DIVISOR
 from ctfm.preview import write_embedding_map
 
-__all__ = ["PATCH_SIZE", "PATCH_STARTS", "PatchEmbeddingInferer", "SaveEmbeddingd", "patch_grid", "pooled", "sliding_patch_embeddings"]
+__all__ = ["PATCH_SIZE", "PATCH_STARTS", "PatchEmbeddingInferer", "SaveEmbeddingd", "encoder_patch_size", "patch_grid", "pooled", "sliding_patch_embeddings"]
 
 PATCH_STARTS = "patch_starts"
 PATCH_SIZE = "patch_size"
@@ -35,6 +35,12 @@ def pooled(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     """``(B, D)`` from an encoder output: feature maps (global average of the deepest) or an embedding."""
     deepest = output[-1] if isinstance(output, (list, tuple)) else output
     return deepest if deepest.ndim == 2 else deepest.mean(dim=tuple(range(2, deepest.ndim)))
+
+
+def encoder_patch_size(patch_size: Sequence[int]) -> tuple[int, ...]:
+    """``patch_size`` with each side rounded up to a multiple of 16, the encoder's size divisor (CT-FM's 3D-MIR
+    patch 24x128x128 runs as 32x128x128)."""
+    return tuple(-(-int(p) // SIZE_DIVISOR) * SIZE_DIVISOR for p in patch_size)
 
 
 def patch_grid(spatial_shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
@@ -64,7 +70,7 @@ def sliding_patch_embeddings(
     Returns:
         ``(embeddings, starts)``: ``(P, D)`` float32 and ``(P, 3)`` int64 voxel index of each patch's first corner.
     """
-    patch = tuple(-(-int(p) // SIZE_DIVISOR) * SIZE_DIVISOR for p in patch_size)
+    patch = encoder_patch_size(patch_size)
     pad = [max(p - s, 0) for p, s in zip(patch, volume.shape[1:])]
     if any(pad):
         volume = torch.nn.functional.pad(volume, [v for d in reversed(pad) for v in (0, d)], value=float(volume.min()))
@@ -99,7 +105,7 @@ class PatchEmbeddingInferer(Inferer):
             lambda x: pooled(network(x.to(device))), volume, self.patch_size, self.overlap, self.batch_size
         )
         meta = dict(inputs.meta) if isinstance(inputs, MetaTensor) else {}
-        meta.update({PATCH_STARTS: starts, PATCH_SIZE: torch.tensor(self.patch_size)})
+        meta.update({PATCH_STARTS: starts, PATCH_SIZE: torch.tensor(encoder_patch_size(self.patch_size))})
         return MetaTensor(embeddings, meta=meta)
 
 

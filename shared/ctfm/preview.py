@@ -25,6 +25,7 @@ __all__ = [
     "SOFT_TISSUE_WINDOW",
     "label_colours",
     "render_comparison",
+    "render_contact_sheet",
     "render_preview",
     "render_saliency",
     "to_lps",
@@ -62,6 +63,61 @@ def to_lps(volume: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
     for axis, (new_axis, _) in enumerate(transform):
         new_spacing[int(new_axis)] = spacing[axis]
     return nib.orientations.apply_orientation(volume, transform), new_spacing
+
+
+def lps_index(point_mm: Sequence[float], affine: np.ndarray, shape: Sequence[int]) -> tuple[int, int, int]:
+    """The voxel of the :func:`to_lps` view of a ``shape`` volume nearest to world (RAS) ``point_mm``, clamped
+    into the volume."""
+    import nibabel as nib
+
+    affine = np.asarray(affine, float)
+    ijk = np.linalg.solve(affine, np.r_[np.asarray(point_mm, float), 1.0])[:3]
+    transform = nib.orientations.ornt_transform(nib.orientations.io_orientation(affine), nib.orientations.axcodes2ornt(("L", "P", "S")))
+    out = [0, 0, 0]
+    for axis, (new_axis, flip) in enumerate(transform):
+        i = int(np.clip(round(float(ijk[axis])), 0, shape[axis] - 1))
+        out[int(new_axis)] = i if flip > 0 else shape[axis] - 1 - i
+    return tuple(out)
+
+
+def render_contact_sheet(
+    rows: Sequence[tuple[str, np.ndarray, np.ndarray, Sequence[float] | None]],
+    path: str | os.PathLike,
+    title: str | None = None,
+    window: Sequence[float] = SOFT_TISSUE_WINDOW,
+) -> Path:
+    """Write a PNG with one row per CT, atomically: a retrieval query and its hits.
+
+    Args:
+        rows: ``(caption, ct (X, Y, Z) HU, affine voxel -> RAS mm, centre in RAS mm or None)``; each row shows the
+            axial, coronal and sagittal planes through ``centre`` (a marked cross) or through the volume centre.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(rows), 3, figsize=(10.5, 3.3 * len(rows)), dpi=80, facecolor="black", squeeze=False)
+    for row_axes, (caption, ct, affine, centre_mm) in zip(axes, rows):
+        volume, spacing = to_lps(np.asarray(ct, np.float32), affine)
+        centre = lps_index(centre_mm, affine, np.shape(ct)) if centre_mm is not None else tuple(n // 2 for n in volume.shape)
+        marks = [(centre[0], centre[1]), (centre[0], volume.shape[2] - 1 - centre[2]), (centre[1], volume.shape[2] - 1 - centre[2])]
+        for ax, (cut, row_mm, col_mm, name), (mc, mr) in zip(row_axes, _views(centre, spacing), marks):
+            plane = cut(volume)
+            extent = (0, plane.shape[1] * col_mm, plane.shape[0] * row_mm, 0)
+            ax.imshow(plane, cmap="gray", vmin=window[0], vmax=window[1], extent=extent, interpolation="bilinear")
+            if centre_mm is not None:
+                ax.plot([(mc + 0.5) * col_mm], [(mr + 0.5) * row_mm], marker="+", color="lime", markersize=14, mew=1.5)
+            ax.set_title(name, color="white", fontsize=8)
+            ax.set_axis_off()
+        row_axes[0].text(-0.04, 0.5, caption, transform=row_axes[0].transAxes, color="white", fontsize=8,
+                         rotation=90, ha="right", va="center")
+    if title:
+        fig.suptitle(title, color="white", fontsize=10)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
+    plt.close(fig)
+    return Path(path)
 
 
 def render_preview(
@@ -229,7 +285,7 @@ def render_saliency(
     shown = plt.cm.ScalarMappable(cmap="inferno", norm=plt.Normalize(0.0, 1.0))
     bar = fig.colorbar(shown, ax=axes, fraction=0.02, pad=0.01)
     bar.ax.tick_params(colors="white", labelsize=8)
-    fig.suptitle((title + "  |  " if title else "") + "saliency (0..1) in the head, planes through its maximum", color="white", fontsize=10)
+    fig.suptitle((title + "  |  " if title else "") + "saliency (0..1) in the body, planes through its maximum", color="white", fontsize=10)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", facecolor=fig.get_facecolor())
     plt.close(fig)

@@ -144,6 +144,17 @@ WEIGHTS: dict[str, KnownWeights] = {
             bundle="ctfm_pretrain",
         ),
         KnownWeights(
+            name="ctfm_retrieval_demo",
+            network="encoder",
+            arguments={**_ENCODER_ARGS, "init_filters": 8},
+            files={"models/model.pt": "9e890f0c16418f188337ca19af55deb44279353e54f4ddd373b418cac1c52a18"},
+            load_path="models/model.pt",
+            url=None,
+            licence="MIT",
+            description="ctfm_retrieval's encoder: the same file as ctfm_pretrain_demo's models/model.pt (frozen; embeds, indexes, probes)",
+            bundle="ctfm_retrieval",
+        ),
+        KnownWeights(
             name="ctfm_segmentation_demo",
             network="segresnet",
             arguments={**_ENCODER_ARGS, "init_filters": 8, "out_channels": 118, "dsdepth": 4},

@@ -30,14 +30,13 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from ctfm.embedding_store import EmbeddingStore, extract_embeddings
+from ctfm.embedding_store import EmbeddingStore, encoders_to_compare, extract_embeddings, weights_id
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 from ctfm.triage.datasets import label_fraction_indices
 
 __all__ = [
     "LinearProbe",
-    "encoders_to_compare",
     "few_shot",
     "fit_linear_probe",
     "label_efficiency",
@@ -167,20 +166,6 @@ def label_efficiency(
     return rows
 
 
-def encoders_to_compare(
-    build: Callable[[str | None], torch.nn.Module], weights: str | None, seed: int = 0
-) -> dict[str, tuple[torch.nn.Module, str]]:
-    """``{"pretrained": (encoder, weights name), "random": (encoder, "random-init seed S")}``; ``build(weights)``
-    returns an encoder with ``embed``. The random encoder is built under ``torch.manual_seed(seed)``."""
-    with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        random = build(None)
-    encoders = {"random": (random, f"random-init seed {seed}")}
-    if weights:
-        encoders = {"pretrained": (build(weights), str(weights)), **encoders}
-    return encoders
-
-
 def run_probe(
     train_data,
     test_data,
@@ -235,7 +220,7 @@ def run_probe(
     few_rows = []
     for name, (encoder, weights_name) in encoders_to_compare(build_encoder, encoder_weights, seed).items():
         encoder = encoder.to(device).eval()
-        store = EmbeddingStore(store_dir, {"weights": _weights_id(weights_name), "encoder": getattr(encoder, "config", {}), "recipe": dict(recipe)})
+        store = EmbeddingStore(store_dir, {"weights": weights_id(weights_name), "encoder": getattr(encoder, "config", {}), "recipe": dict(recipe)})
         started = time.perf_counter()
         x = {}
         for part_name, part in parts.items():
@@ -271,15 +256,6 @@ def run_probe(
         print(f"label efficiency [{row['encoder']}] {row['fraction']:.0%} ({row['labels']} cases): "
               f"mean AUROC {row['auroc_mean']:.3f} +- {row['auroc_std']:.3f} over {row['runs']} runs")
     return results
-
-
-def _weights_id(weights_name: str) -> str:
-    """The weights' content digest where they are files on this machine, else their name (a random init)."""
-    from ctfm.export import weights_digest
-
-    if weights_name.startswith("random-init"):
-        return weights_name
-    return weights_digest(weights_name) or weights_name
 
 
 def _write_json(path: Path, content: Mapping) -> None:
