@@ -68,6 +68,12 @@ class EmbeddingStore:
         self.folder = Path(root) / self.fingerprint
 
     @classmethod
+    def of(cls, root: str | os.PathLike, weights: str, encoder: torch.nn.Module, recipe: Mapping) -> EmbeddingStore:
+        """The store of ``encoder`` (named by ``weights``: a path, a table name or ``random-init seed S``, hashed by
+        content where it is a file) and ``recipe`` (what the preprocessing and pooling are)."""
+        return cls(root, {"weights": weights_id(str(weights)), "encoder": getattr(encoder, "config", {}), "recipe": dict(recipe)})
+
+    @classmethod
     def open(cls, folder: str | os.PathLike) -> EmbeddingStore:
         """The store whose fingerprint folder is ``folder`` (it holds ``store.json``)."""
         folder = Path(folder)
@@ -115,13 +121,14 @@ class EmbeddingStore:
             save_file(tensors, str(tmp), metadata=meta)
         return path
 
-    def row(self, case_id: str) -> dict:
-        """Every tensor of ``case_id``'s row (numpy) plus ``id``, ``source`` and ``info`` (a dict)."""
+    def row(self, case_id: str, keys: Sequence[str] | None = None) -> dict:
+        """The tensors ``keys`` (default: every one) of ``case_id``'s row (numpy) plus ``id``, ``source`` and ``info``
+        (a dict)."""
         path = self.path_of(case_id)
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                tensors = {k: f.get_tensor(k).numpy() for k in f.keys()}
+                tensors = {k: f.get_tensor(k).numpy() for k in (f.keys() if keys is None else keys)}
         except FileNotFoundError:
             raise CTFMError(f"{path}: no stored embedding for {case_id!r}") from None
         except Exception as err:
@@ -131,8 +138,8 @@ class EmbeddingStore:
         return {**tensors, "id": meta["id"], "source": meta.get("source", ""), "info": json.loads(meta.get("info") or "{}")}
 
     def get(self, case_id: str) -> np.ndarray:
-        """``(D,)`` float32 embedding of ``case_id``."""
-        return self.row(case_id)["embedding"]
+        """``(D,)`` float32 embedding of ``case_id`` (its patch embeddings are not read)."""
+        return self.row(case_id, ["embedding"])["embedding"]
 
     def matrix(self, case_ids: Sequence[str]) -> np.ndarray:
         """``(N, D)`` float32 embeddings of ``case_ids``, in that order."""

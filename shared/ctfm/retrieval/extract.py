@@ -22,11 +22,11 @@ from monai.data import MetaTensor
 
 from ctfm.datalist import output_stem
 from ctfm.embedding import PATCH_SIZE, PATCH_STARTS, PatchEmbeddingInferer, pooled
-from ctfm.embedding_store import EmbeddingStore, ExtractionReport, extract_embeddings, weights_id
+from ctfm.embedding_store import EmbeddingStore, ExtractionReport, extract_embeddings
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 
-__all__ = ["POOLINGS", "Extractor", "embed_crop", "embed_volume", "patch_centres_mm", "pool", "scan_ids", "store_of"]
+__all__ = ["POOLINGS", "Extractor", "embed_crop", "embed_volume", "patch_centres_mm", "pool", "scan_ids"]
 
 logger = logging.getLogger("ctfm.retrieval")
 
@@ -63,12 +63,6 @@ def scan_ids(items: Sequence[Mapping], root: str | os.PathLike | None, image_key
     return out
 
 
-def store_of(store_dir: str | os.PathLike, weights: str, encoder: torch.nn.Module, recipe: Mapping) -> EmbeddingStore:
-    """The store of ``encoder`` (named by ``weights``: a path, a table name or ``random-init seed S``) and
-    ``recipe`` (spacing, patch size, overlap, pooling): rows of another encoder or recipe are never mixed in."""
-    return EmbeddingStore(store_dir, {"weights": weights_id(str(weights)), "encoder": getattr(encoder, "config", {}), "recipe": dict(recipe)})
-
-
 class Extractor:
     """``extract.json``'s evaluator: embed every scan of ``data`` not yet in the store, then merge.
 
@@ -77,7 +71,7 @@ class Extractor:
         transform: the preprocessing of one item (``image`` -> ``(C, S, P, L)`` MetaTensor on the network's grid).
         network: an encoder runtime whose output :func:`ctfm.embedding.pooled` turns into ``(B, D)``.
         inferer: the :class:`~ctfm.embedding.PatchEmbeddingInferer` (patch size, overlap, batch size).
-        store: the :class:`~ctfm.embedding_store.EmbeddingStore` (see :func:`store_of`).
+        store: the :class:`~ctfm.embedding_store.EmbeddingStore` (:meth:`~ctfm.embedding_store.EmbeddingStore.of`).
         data_root: the folder ids are taken relative to (the bundle's ``dataset_dir``).
         pooling: ``"min"`` or ``"mean"`` (:func:`pool`).
         keep_patches: also store each patch's embedding and centre (needed for region queries).

@@ -20,13 +20,13 @@ import pandas as pd
 import torch
 
 from ctfm.datalist import output_stem
-from ctfm.embedding import sliding_patch_embeddings
+from ctfm.embedding import PatchEmbeddingInferer, sliding_patch_embeddings
 from ctfm.embedding_store import encoders_to_compare
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 from ctfm.preview import render_saliency
 from ctfm.retrieval.clustering import cluster_scores, organ_crops, write_cluster_map
-from ctfm.retrieval.extract import embed_crop, pool
+from ctfm.retrieval.extract import embed_crop, embed_volume
 from ctfm.retrieval.occlusion import occlusion_saliency
 from ctfm.retrieval.query import crop_at
 from ctfm.retrieval.semantic_search import search_structure
@@ -80,21 +80,17 @@ def run_probe(
     out = Path(output_dir) / "probe"
     results: dict = {"scans": [s["id"] for s in scans], "encoders": {}}
     cluster_maps, cluster_rows, search_rows, retest_rows = {}, [], [], []
-    organ_of, scan_of = None, None
+    crops = [(crop, organ, s["id"]) for s in scans
+             for crop, organ in organ_crops(s["image"], s["label"], label_names, organs, crop_size, crops_per_organ, min_organ_voxels, seed)]
+    organ_of, scan_of = [c[1] for c in crops], [c[2] for c in crops]
+    if len(set(organ_of)) < 2:
+        raise CTFMError(f"clustering needs crops of at least two organs; found {sorted(set(organ_of))} (check organs and the label maps)")
+    scan_inferer = PatchEmbeddingInferer(scan_patch_size, scan_overlap)
     for name, (encoder, weights) in encoders_to_compare(build_encoder, encoder_weights, seed).items():
-        encoder = encoder.to(device).eval()
-        embed = encoder
+        embed = encoder.to(device).eval()
 
         # anatomical clustering
-        vectors, organ_of, scan_of = [], [], []
-        for s in scans:
-            for crop, organ in organ_crops(s["image"], s["label"], label_names, organs, crop_size, crops_per_organ, min_organ_voxels, seed):
-                vectors.append(embed_crop(embed, crop.to(device)).numpy())
-                organ_of.append(organ)
-                scan_of.append(s["id"])
-        if len(set(organ_of)) < 2:
-            raise CTFMError(f"clustering needs crops of at least two organs; found {sorted(set(organ_of))} (check organs and the label maps)")
-        x = np.stack(vectors)
+        x = np.stack([embed_crop(embed, crop.to(device)).numpy() for crop, _, _ in crops])
         scores = cluster_scores(x, organ_of, scan_of, seed)
         cluster_maps[name] = x
         cluster_rows.append({"encoder": name, "weights": weights, **scores})
@@ -120,7 +116,7 @@ def run_probe(
 
         # test-retest on each scan's scan embedding
         def embed_scan(volume: torch.Tensor) -> torch.Tensor:
-            return pool(sliding_patch_embeddings(embed, volume.to(device), scan_patch_size, scan_overlap)[0], pooling)
+            return embed_volume(embed, scan_inferer, volume.unsqueeze(0).to(device), pooling)
 
         cosines, bases = {}, []
         for s in scans:

@@ -13,10 +13,11 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from ctfm.transforms import HU_MAX, HU_MIN
+
 __all__ = ["PERTURBATIONS", "perturb", "retest_cosines"]
 
 PERTURBATIONS = ("resampled", "shifted", "rotated", "noised")
-HU_PER_UNIT = 3072.0
 
 
 def perturb(volume: torch.Tensor, kind: str, spacing_mm: Sequence[float], seed: int = 0) -> torch.Tensor:
@@ -41,7 +42,7 @@ def perturb(volume: torch.Tensor, kind: str, spacing_mm: Sequence[float], seed: 
         return torch.nn.functional.grid_sample(x[None] - air, grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0] + air
     if kind == "noised":
         generator = torch.Generator().manual_seed(seed)
-        return x + torch.randn(x.shape, generator=generator) * (10.0 / HU_PER_UNIT)
+        return x + torch.randn(x.shape, generator=generator) * (10.0 / (HU_MAX - HU_MIN))
     raise ValueError(f"perturbation {kind!r}: choose one of {', '.join(PERTURBATIONS)}")
 
 

@@ -30,7 +30,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import StandardScaler
 
-from ctfm.embedding_store import EmbeddingStore, encoders_to_compare, extract_embeddings, weights_id
+from ctfm.embedding_store import EmbeddingStore, encoders_to_compare, extract_embeddings
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
 from ctfm.triage.datasets import label_fraction_indices
@@ -220,7 +220,7 @@ def run_probe(
     few_rows = []
     for name, (encoder, weights_name) in encoders_to_compare(build_encoder, encoder_weights, seed).items():
         encoder = encoder.to(device).eval()
-        store = EmbeddingStore(store_dir, {"weights": weights_id(weights_name), "encoder": getattr(encoder, "config", {}), "recipe": dict(recipe)})
+        store = EmbeddingStore.of(store_dir, weights_name, encoder, recipe)
         started = time.perf_counter()
         x = {}
         for part_name, part in parts.items():
