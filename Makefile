@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup demo test test-fast package
+.PHONY: setup demo test test-fast package publish
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -52,3 +52,7 @@ test: setup
 
 package: setup
 	$(PY) ci/package_bundle.py
+
+# A registry folder (index, zips, the ctfm wheel as a PEP 503 index, Hugging Face folders) in dist/registry/
+publish: setup
+	$(PY) -m ctfm.registry publish --out dist/registry

@@ -7,6 +7,11 @@ offline) receives ``POST /infer/<bundle>?image=<id>&output=image`` for the sampl
 study folder -> series selector -> series to volume -> ``MonaiBundleInferenceOperator`` on the bundle folder ->
 the label volume, written as NIfTI; input: the sample series ``example_ct_dicom``.
 
+The bundle comes from a registry, as a hospital gets it: ``--registry URL_OR_DIR`` (or ``$CTFM_REGISTRY``), else
+the repository published into a temporary registry folder (``python -m ctfm.registry publish``); it is downloaded
+with ``python -m ctfm.registry download`` (hash and archive checks) into the check's work folder. ``--bundle DIR``
+checks a bundle folder as it is instead.
+
 Either tool reads ``inference.json``'s ``network_def``, ``preprocessing``, ``inferer``, ``postprocessing`` and
 ``device``, ``models/model.pt`` and ``metadata.json``. The same CT then goes through ``python -m monai.bundle run
 --config_file <bundle>/configs/inference.json`` and the two label maps are compared voxel by voxel in one
@@ -36,6 +41,8 @@ import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: The bundle both tools serve.
+BUNDLE = "ctfm_segmentation"
 #: What each tool's venv gets besides this repository.
 TOOL_PACKAGES = {
     "deploy": ["monai-deploy-app-sdk==4.0.0"],
@@ -256,7 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("tool", choices=sorted(TOOL_PACKAGES))
-    parser.add_argument("--bundle", type=Path, default=REPO / "bundles" / "ctfm_segmentation")
+    parser.add_argument("--bundle", type=Path, default=None, help="a bundle folder (default: downloaded from the registry)")
+    parser.add_argument("--registry", default=None, help="registry URL or folder to download ctfm_segmentation from "
+                        "(default: $CTFM_REGISTRY, else the repository published into a temporary registry)")
     parser.add_argument("--input", type=Path, default=None,
                         help="CT file (label) or DICOM study folder (deploy); default: the shipped sample")
     parser.add_argument("--venv", type=Path, default=None, help="default: REPO/.venv-<tool>")
@@ -266,12 +275,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.inside:
         python = make_venv(args.tool, args.venv or REPO / f".venv-{args.tool}")
-        return subprocess.run([str(python), __file__, "--inside", *argv]).returncode
+        with tempfile.TemporaryDirectory() as tmp:
+            if args.bundle is None and not (args.registry or os.environ.get("CTFM_REGISTRY")):
+                registry = Path(tmp) / "registry"  # published here, where the wheel can be built
+                subprocess.run([sys.executable, "-m", "ctfm.registry", "publish", "--out", str(registry),
+                                str(REPO / "bundles" / BUNDLE)], check=True)
+                argv += ["--registry", str(registry)]
+            return subprocess.run([str(python), __file__, "--inside", *argv]).returncode
     if args.input is None:
         from ctfm.sample_data import sample_path
 
         args.input = sample_path("example_ct.nii.gz" if args.tool == "label" else "example_ct_dicom")
-    return check(args.tool, args.bundle.resolve(), args.input.resolve(), args.min_agreement, args.port)
+    with tempfile.TemporaryDirectory() as tmp:
+        bundle = args.bundle.resolve() if args.bundle else from_registry(args.registry, Path(tmp))
+        return check(args.tool, bundle, args.input.resolve(), args.min_agreement, args.port)
+
+
+def from_registry(registry: str | None, work: Path) -> Path:
+    """``ctfm_segmentation`` downloaded (verified) from ``registry`` (default ``$CTFM_REGISTRY``) into ``work``."""
+    from ctfm.registry.client import download
+    from ctfm.registry.index import registry_of
+
+    done = download(BUNDLE, registry_of(registry), work / "bundles")
+    print(f"{BUNDLE} {done.version} downloaded from {registry_of(registry)} into {done.path}")
+    return done.path
 
 
 if __name__ == "__main__":

@@ -35,8 +35,11 @@ downloads the ``schema`` URL, then             real schema, stored offline as ``
                                                schema stored here. ``monai_verify_metadata`` (``--monai``,
                                                ``--full``): MONAI's own command in a subprocess, offline.
 ``get_bundle_requirements`` (pip-installs      ``check_metadata`` (default): every version there is a
-``monai==``, ``torch==``, ``numpy==`` and each  valid PEP 440 version; ``ctfm`` must be listed (the configs
-``required/optional_packages_version`` pin)    import it).
+``monai==``, ``torch==``, ``numpy==`` and each  valid PEP 440 version; ``ctfm`` must be listed at the version
+``required/optional_packages_version`` pin)    ``pyproject.toml`` builds; every package the bundle's code
+                                               imports is declared (``ci/check_packages.py``); optional
+                                               packages go in ``optional_packages``, never in MONAI's
+                                               deprecated ``optional_packages_version``.
 ``_get_net_io_info`` / ``verify_net_in_out``   ``check_data_format`` (default, static): ``inputs.image`` and
 reads ``inputs.image`` and ``outputs.pred``    ``outputs.pred`` exist with an int ``num_channels``, a dtype
                                                MONAI can map and a ``spatial_shape`` of ints, "*" or
@@ -90,6 +93,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -99,9 +103,13 @@ import yaml
 from monai.apps.utils import SUPPORTED_HASH_TYPES
 from monai.bundle import ConfigParser
 from monai.utils import get_equivalent_dtype
+from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.version import InvalidVersion, Version
 
+from check_packages import check_packages
+
 from ctfm.files import sha256sum
+from ctfm.registry.archive import check_symlinks
 
 CI_DIR = Path(__file__).resolve().parent
 #: Metadata schemas stored here (see SCHEMAS.md): file name -> sha256 of the file.
@@ -229,19 +237,6 @@ def check_files(bundle: Path) -> list[str]:
     return problems
 
 
-def check_symlinks(bundle: Path) -> list[str]:
-    """Every symlink (and anything that is neither file nor folder) under ``bundle``; links are not followed."""
-    problems = [f"{bundle}: the bundle folder itself is a symlink"] if bundle.is_symlink() else []
-    for root, dirs, files in os.walk(bundle):
-        for name in sorted(dirs + files):
-            path = Path(root, name)
-            if path.is_symlink():
-                problems.append(f"{path}: symlink inside the bundle (to {os.readlink(path)}); replace it with the file")
-            elif not (path.is_file() or path.is_dir()):
-                problems.append(f"{path}: neither a regular file nor a folder")
-    return problems
-
-
 def local_schema(meta: dict, where: Path | str) -> tuple[Path | None, list[str]]:
     """The stored schema that ``meta["schema"]`` names, checked against its recorded sha256."""
     url = meta.get("schema")
@@ -277,9 +272,8 @@ def check_versions(meta: dict, path: Path) -> list[str]:
     if bad_keys:
         problems.append(f"{path}: changelog keys {bad_keys} are not X.Y.Z")
     pins = {k: meta.get(k) for k in ("monai_version", "pytorch_version", "numpy_version")}
-    for group in ("required_packages_version", "optional_packages_version"):
-        for name, value in (meta.get(group) or {}).items():
-            pins[f"{group}.{name}"] = value
+    for name, value in (meta.get("required_packages_version") or {}).items():
+        pins[f"required_packages_version.{name}"] = value
     for key, value in pins.items():
         if value is None:
             continue
@@ -287,9 +281,23 @@ def check_versions(meta: dict, path: Path) -> list[str]:
             Version(str(value))
         except InvalidVersion:
             problems.append(f"{path}: {key} {value!r} is not a version pip can pin ({key.split('.')[-1]}=={value})")
-    if "ctfm" not in (meta.get("required_packages_version") or {}):
+    if "optional_packages_version" in meta:
+        problems.append(f"{path}: optional_packages_version is MONAI's deprecated name of required_packages_version "
+                        "(MONAI replaces that list with it); use optional_packages (see ci/check_packages.py)")
+    for group, packages in (meta.get("optional_packages") or {}).items():
+        for name, value in (packages or {}).items():
+            try:
+                Version(str(value)) if str(value)[:1].isdigit() else SpecifierSet(str(value))
+            except (InvalidVersion, InvalidSpecifier):
+                problems.append(f"{path}: optional_packages[{group!r}].{name} {value!r} is neither a version nor a "
+                                "version range pip understands")
+    pin = (meta.get("required_packages_version") or {}).get("ctfm")
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    if pin is None:
         problems.append(f"{path}: required_packages_version does not list ctfm, which the configs import")
-    return problems
+    elif str(pin) != project:
+        problems.append(f"{path}: requires ctfm {pin}, but this repository builds ctfm {project} (pyproject.toml)")
+    return problems + check_packages(path.parent.parent)
 
 
 def check_data_format(meta: dict, path: Path) -> list[str]:

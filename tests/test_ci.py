@@ -14,8 +14,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "ci"))
 from check_integration import agreement, with_identifiers  # noqa: E402
+from ctfm.registry.archive import ZIP_DATE_TIME  # noqa: E402
 import verify_bundle  # noqa: E402
-from package_bundle import ZIP_DATE_TIME, package  # noqa: E402
+from package_bundle import package  # noqa: E402
 from verify_bundle import (  # noqa: E402
     SCHEMAS,
     check_large_files,
@@ -316,3 +317,39 @@ def test_package_leaves_out_what_large_files_yml_lists(tmp_path):
     names = zipfile.ZipFile(package(bundle, tmp_path / "dist", check=False)).namelist()
     assert "ctfm_pretrain/large_files.yml" in names and "ctfm_pretrain/models/model.pt" in names
     assert not [n for n in names if "ct_fm_feature_extractor" in n]
+
+
+# ---- declared packages (ci/check_packages.py)
+
+
+def test_every_package_the_code_imports_must_be_declared(bundle_copy):
+    from check_packages import check_packages, imported_distributions
+
+    always, sometimes = imported_distributions(bundle_copy)
+    assert {"onnxruntime-gpu", "nibabel", "safetensors"} <= always  # imported whenever ctfm.export / ct_io load
+    assert {"idc-index-data", "pyarrow"} <= sometimes  # only `python -m ctfm.pretrain.idc_manifest`
+    assert check_packages(bundle_copy) == []
+
+    def drop(meta):
+        del meta["required_packages_version"]["onnxruntime-gpu"]
+        del meta["optional_packages"]["python -m ctfm.pretrain.idc_manifest"]
+
+    edit_metadata(bundle_copy, drop)
+    meta_path = bundle_copy / "configs" / "metadata.json"
+    assert check_packages(bundle_copy) == [
+        f"{meta_path}: required_packages_version lacks onnxruntime-gpu, which the bundle's code imports at load time",
+        f"{meta_path}: neither required_packages_version nor optional_packages names idc-index-data, which the bundle's code can import",
+    ]  # (pyarrow, imported there too, comes with mlflow, an optional package)
+
+
+def test_optional_packages_version_is_refused_and_ctfm_must_be_the_built_version(bundle_copy):
+    def change(meta):
+        meta["optional_packages_version"] = {"tensorrt": "10.3.0"}
+        meta["required_packages_version"]["ctfm"] = "0.0.1"
+        meta["optional_packages"]["configs/inference_trt.json"]["tensorrt"] = "latest"
+
+    edit_metadata(bundle_copy, change)
+    problems = check_metadata(bundle_copy)
+    assert any("optional_packages_version is MONAI's deprecated name of required_packages_version" in p for p in problems)
+    assert any("requires ctfm 0.0.1, but this repository builds ctfm" in p for p in problems)
+    assert any("tensorrt 'latest' is neither a version nor a version range" in p for p in problems)

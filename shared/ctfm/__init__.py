@@ -16,6 +16,8 @@ Shared by every bundle
     - :mod:`ctfm.engine` -- crash-safe checkpoints, resume, distributed setup, progress, export handlers.
     - :mod:`ctfm.bundle` -- MONAI's bundle contract: ``bundle_root``, unknown-override check, one-line errors.
     - :mod:`ctfm.errors` -- the exception family whose message is one line naming the file.
+    - :mod:`ctfm.download` -- the one bounded, hashed copy from a URL or path (weights, registry).
+    - :mod:`ctfm.registry` -- the model registry: publish, list, download (verified), verify; reproducible zips.
 
 One bundle each
     - :mod:`ctfm.pretrain` -- ``ctfm_pretrain``: one module per pre-training recipe.
@@ -30,6 +32,6 @@ Axis convention, stated once: a volume read from disk is ``(X, Y, Z)`` in ITK's 
 :data:`ctfm.transforms.AXIS_LABELS`). Shapes in docstrings are ``(B, C, S, P, L)`` for network input.
 """
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = ["__version__"]

@@ -20,10 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import shutil
 import sys
-import urllib.parse
-import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +28,7 @@ from pathlib import Path
 from torch import nn
 
 from ctfm.checkpoint import CheckpointError, load_weights
+from ctfm.download import copy_to, join
 from ctfm.errors import CTFMError, install_excepthook
 from ctfm.files import atomic_path, sha256sum
 
@@ -296,39 +294,15 @@ def fetch(name: str, source: str | os.PathLike | None = None, dest: str | os.Pat
         for rel, digest in known.files.items():
             target = out / rel
             target.parent.mkdir(parents=True, exist_ok=True)
-            served = _copy(base, rel, target)
-            actual = sha256sum(target)
-            for what, wanted in (("the table's", digest), ("the server's", served)):
+            copied = copy_to(join(base, rel), target)
+            actual = copied.sha256
+            for what, wanted in (("the table's", digest), ("the server's", copied.served_sha256)):
                 if wanted and actual != wanted.lower():
-                    raise CTFMError(f"{_join(base, rel)}: sha256 {actual} differs from {what} {wanted}")
+                    raise CTFMError(f"{join(base, rel)}: sha256 {actual} differs from {what} {wanted}")
             if not digest:
                 logger.warning("%s: sha256 %s (not yet in the weights table: record it)", rel, actual)
     logger.info("fetched %s into %s", name, dest)
     return dest
-
-
-def _copy(base: str, rel: str, target: Path) -> str | None:
-    """Copy one file from a folder or URL; returns the sha256 the server states for it, if any."""
-    if "://" not in base:
-        src = Path(base) / rel
-        if not src.is_file():
-            raise CTFMError(f"{src}: no such file")
-        shutil.copyfile(src, target)
-        return None
-    url = _join(base, rel)
-    try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(target, "wb") as f:
-            shutil.copyfileobj(response, f, length=1 << 20)
-            etag = (response.headers.get("X-Linked-Etag") or "").strip('"')
-    except OSError as err:
-        raise CTFMError(f"{url}: download failed ({getattr(err, 'reason', err)})") from None
-    return etag if len(etag) == 64 and all(c in "0123456789abcdef" for c in etag.lower()) else None
-
-
-def _join(base: str, rel: str) -> str:
-    if "://" not in base:
-        return str(Path(base) / rel)
-    return urllib.parse.urljoin(base if base.endswith("/") else base + "/", rel)
 
 
 def _shipped_hashes(path: Path) -> dict[Path, str]:

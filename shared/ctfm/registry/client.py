@@ -1,0 +1,196 @@
+"""Read a registry: list its bundles, download one safely, verify all of it.
+
+:func:`download` trusts nothing it fetches before checking it. The zip is fetched with the index's size as the
+limit and its sha256 compared with the index before it is opened; its members are checked
+(:func:`ctfm.registry.archive.check_members`: no absolute path, ``..``, symlink or zip bomb) before a byte is
+unpacked; it is unpacked into a temporary folder next to the target, the large files the registry hosts are
+fetched into it with their sha256 checked (large files it does not host are reported with the command that fetches
+them), and only then is the folder renamed onto ``<bundle_dir>/<name>``. On any failure the temporary folder is
+removed: nothing is left behind. An existing ``<bundle_dir>/<name>`` is never overwritten, in part or whole (it may
+hold a user's outputs): the same version already there is reported and kept, another refused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+from ctfm.download import copy_to, join
+from ctfm.errors import CTFMError
+from ctfm.files import remove_stale_temporaries
+from ctfm.registry.archive import MAX_UNPACKED_BYTES, check_members, extract_bundle
+from ctfm.registry.index import PACKAGES, SIMPLE, read_index, select, version_of
+
+__all__ = ["MARKER", "Downloaded", "default_bundle_dir", "download", "list_bundles", "verify"]
+
+logger = logging.getLogger("ctfm.registry")
+
+#: Written into a downloaded bundle: which registry entry it is (hidden: never packed again).
+MARKER = ".registry.json"
+
+
+@dataclass(frozen=True)
+class Downloaded:
+    """Where the bundle is, its version, and the large files it lists that the registry does not host."""
+
+    path: Path
+    version: str
+    not_fetched: tuple[str, ...] = ()
+    already_there: bool = False
+
+
+def default_bundle_dir() -> Path:
+    """Where ``monai.bundle download`` puts bundles by default: ``<torch hub dir>/bundle``."""
+    import torch
+
+    return Path(torch.hub.get_dir()) / "bundle"
+
+
+def list_bundles(registry: str | os.PathLike) -> dict[str, list[dict]]:
+    """``{name: [entries, highest version last]}`` of a registry."""
+    by_name: dict[str, list[dict]] = {}
+    for entry in read_index(registry).values():
+        by_name.setdefault(entry["name"], []).append(entry)
+    return {name: sorted(entries, key=version_of) for name, entries in sorted(by_name.items())}
+
+
+def _safe_rel(path: str, where: str) -> PurePosixPath:
+    rel = PurePosixPath(str(path))
+    if rel.is_absolute() or "\\" in str(path) or not rel.parts or ".." in rel.parts or (len(str(path)) > 1 and str(path)[1] == ":"):
+        raise CTFMError(f"{where}: large file path {path!r} leaves the bundle folder")
+    return rel
+
+
+def _fetch_checked(url: str, target: Path, sha256: str, size: int | None, what: str) -> None:
+    copied = copy_to(url, target, max_bytes=size)
+    if size is not None and copied.size != size:
+        raise CTFMError(f"{url}: {copied.size} bytes, the index says {size}: truncated or replaced {what}")
+    if copied.sha256 != str(sha256).lower():
+        raise CTFMError(f"{url}: sha256 {copied.sha256} differs from the index's {sha256}: tampered or damaged {what}; nothing unpacked")
+
+
+def download(
+    name: str,
+    registry: str | os.PathLike,
+    bundle_dir: str | os.PathLike | None = None,
+    version: str | None = None,
+    max_bytes: int = MAX_UNPACKED_BYTES,
+) -> Downloaded:
+    """Download bundle ``name`` (default: its highest version) from ``registry`` into ``bundle_dir/name``.
+
+    Raises:
+        CTFMError: one line: no such bundle or version, a download error, a size or sha256 that differs from the
+        index, an unsafe archive, an existing folder of another version. Nothing is left in ``bundle_dir``.
+    """
+    registry = str(registry)
+    entry = select(read_index(registry), name, version)
+    bundle_dir = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()
+    target = bundle_dir / name
+    if target.exists() or target.is_symlink():
+        marker = target / MARKER
+        there = json.loads(marker.read_text()) if marker.is_file() else {}
+        if there.get("sha256") == entry["sha256"]:
+            logger.info("%s: version %s is there already", target, entry["version"])
+            return Downloaded(target, str(entry["version"]), already_there=True)
+        what = f"version {there['version']}" if there.get("version") else "not from this registry"
+        raise CTFMError(f"{target}: exists ({what}); remove it or choose another --bundle_dir to download version {entry['version']}")
+    bundle_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(bundle_dir)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=bundle_dir))
+    try:
+        archive, url = tmp / f"{name}.zip", join(registry, entry["source"])
+        _fetch_checked(url, archive, entry["sha256"], int(entry["size"]), "bundle zip")
+        unpacked = tmp / name
+        unpacked.mkdir()
+        extract_bundle(archive, name, unpacked, max_bytes=max_bytes, source=url)
+        meta = json.loads((unpacked / "configs" / "metadata.json").read_text())
+        if str(meta.get("version")) != str(entry["version"]):
+            raise CTFMError(f"{join(registry, entry['source'])}: holds version {meta.get('version')}, the index says {entry['version']}")
+        not_fetched = []
+        for large in entry.get("large_files", []):
+            rel = _safe_rel(large["path"], join(registry, entry["source"]))
+            if not large.get("hosted"):
+                not_fetched.append(rel.as_posix())
+                continue
+            path = unpacked.joinpath(*rel.parts)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _fetch_checked(join(registry, large["source"]), path, large["sha256"], large.get("size"), f"large file {rel}")
+        (unpacked / MARKER).write_text(json.dumps({"name": name, "version": entry["version"], "sha256": entry["sha256"],
+                                                   "registry": registry}, indent=2) + "\n")
+        try:
+            os.rename(unpacked, target)  # fails on an existing non-empty folder: never merged into
+        except OSError as err:
+            raise CTFMError(f"{target}: could not be created ({err.strerror}); nothing was changed") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if not_fetched:
+        logger.warning("%s: %d large file(s) the registry does not host (%s); fetch them with `python -m monai.bundle "
+                       "download_large_files --bundle_path %s` (needs their URLs)", target, len(not_fetched),
+                       ", ".join(not_fetched), target)
+    return Downloaded(target, str(entry["version"]), tuple(not_fetched))
+
+
+def verify(registry: str | os.PathLike, max_bytes: int = MAX_UNPACKED_BYTES) -> list[str]:
+    """Every problem of a registry, one line each: each zip's size, sha256, MD5 checksum and members, the metadata
+    version inside it, each hosted large file, each wheel against the PEP 503 page's ``#sha256=``, and each
+    bundle's ``ctfm`` pin against the wheels served. An empty list: all is well."""
+    import hashlib
+    import re
+
+    registry = str(registry)
+    problems = []
+    try:
+        index = read_index(registry)
+    except CTFMError as err:
+        return [str(err)]
+    wheels: dict[str, str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        try:
+            page = work / "simple.html"
+            copy_to(join(registry, f"{SIMPLE}/ctfm/index.html"), page, max_bytes=1 << 20)
+            wheels = dict(re.findall(r'href="[^"#]*/([^/"#]+\.whl)#sha256=([0-9a-f]{64})"', page.read_text()))
+        except CTFMError as err:
+            problems.append(str(err))
+        for wheel, digest in sorted(wheels.items()):
+            try:
+                _fetch_checked(join(registry, f"{PACKAGES}/{wheel}"), work / wheel, digest, None, "wheel")
+            except CTFMError as err:
+                problems.append(str(err))
+            (work / wheel).unlink(missing_ok=True)
+        served = {w.split("-")[1] for w in wheels}
+        for key, entry in sorted(index.items()):
+            url = join(registry, entry["source"])
+            archive = work / "bundle.zip"
+            try:
+                _fetch_checked(url, archive, entry["sha256"], int(entry["size"]), "bundle zip")
+                md5 = hashlib.md5(archive.read_bytes(), usedforsecurity=False).hexdigest()
+                if entry.get("checksum") and entry["checksum"] != md5:
+                    problems.append(f"{url}: MD5 {md5} differs from the index's checksum {entry['checksum']}")
+                with zipfile.ZipFile(archive) as z:
+                    try:
+                        check_members(z, entry["name"], archive.stat().st_size, max_bytes)
+                    except CTFMError as err:
+                        raise CTFMError(f"{url}: {err}") from None
+                    meta = json.loads(z.read(f"{entry['name']}/configs/metadata.json"))
+                if str(meta.get("version")) != str(entry["version"]):
+                    problems.append(f"{url}: holds version {meta.get('version')}, the index says {entry['version']}")
+                pin = str((meta.get("required_packages_version") or {}).get("ctfm", ""))
+                if pin not in served:
+                    problems.append(f"{url}: requires ctfm {pin or '(none)'}, which the registry's simple index does not serve")
+            except (CTFMError, zipfile.BadZipFile, KeyError, json.JSONDecodeError) as err:
+                problems.append(str(err) if isinstance(err, CTFMError) else f"{url}: {err}")
+            for large in (f for f in entry.get("large_files", []) if f.get("hosted")):
+                try:
+                    _safe_rel(large["path"], url)
+                    _fetch_checked(join(registry, large["source"]), work / "large", large["sha256"], large.get("size"), "large file")
+                except CTFMError as err:
+                    problems.append(str(err))
+    return problems
+
