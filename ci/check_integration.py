@@ -278,8 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             if args.bundle is None and not (args.registry or os.environ.get("CTFM_REGISTRY")):
                 registry = Path(tmp) / "registry"  # published here, where the wheel can be built
-                subprocess.run([sys.executable, "-m", "ctfm.registry", "publish", "--out", str(registry),
-                                str(REPO / "bundles" / BUNDLE)], check=True)
+                published = subprocess.run([sys.executable, "-m", "ctfm.registry", "publish", "--out", str(registry),
+                                            str(REPO / "bundles" / BUNDLE)])
+                if published.returncode != 0:
+                    raise SystemExit(f"{REPO / 'bundles' / BUNDLE}: not published (see the error above)")
                 argv += ["--registry", str(registry)]
             return subprocess.run([str(python), __file__, "--inside", *argv]).returncode
     if args.input is None:

@@ -11,7 +11,9 @@ everything is installed. So the check reads what the bundle's code can import:
    imported), telling a module-level import (needed whenever the module loads) from one inside a function
    (needed only on the path that calls it, e.g. ONNX Runtime for ``inference_onnx.json``);
 3. each third-party module's distribution (``importlib.metadata.packages_distributions``; a module not installed
-   here is taken by its own name, ``cuda`` as ``cuda-python``).
+   here is taken by its own name, ``cuda`` as ``cuda-python``; another build of a declared package, such as
+   ``onnxruntime`` for ``onnxruntime-gpu``, counts as it), plus the packages that MONAI components named in the
+   configs need (``TensorBoardStatsHandler``: tensorboard).
 
 A distribution counts as declared when it is ``monai``/``torch``/``numpy``, a key of ``required_packages_version``
 or a requirement (recursively) of one of those other than ``ctfm`` itself: ``ctfm``'s own dependencies must be
@@ -36,17 +38,20 @@ from pathlib import Path
 
 from packaging.requirements import InvalidRequirement, Requirement
 
+from ctfm.registry.index import normalise_project
+
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "shared" / "ctfm"
 #: Modules whose distribution has another name and which may not be installed here.
 KNOWN_DISTRIBUTIONS = {"cuda": "cuda-python", "tensorrt": "tensorrt", "polygraphy": "polygraphy"}
 ALWAYS = {"monai", "torch", "numpy"}
+#: Builds that provide the same modules: any one of a group installed here stands for the one declared.
+ALTERNATIVES = [{"onnxruntime-gpu", "onnxruntime", "onnxruntime-openvino"}, {"faiss-cpu", "faiss-gpu"}]
+#: Third-party packages the configs reach through MONAI components rather than ``import`` statements.
+COMPONENTS = {"TensorBoardStatsHandler": "tensorboard", "MLFlowHandler": "mlflow", "ITKReader": "itk",
+              "NibabelReader": "nibabel", "ProgressBar": "pytorch-ignite"}
 
 __all__ = ["check_packages", "imported_distributions"]
-
-
-def _normalise(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _module_file(module: str) -> Path | None:
@@ -95,6 +100,8 @@ def _entry_points(bundle: Path) -> tuple[dict[str, bool], set[str]]:
     for config in sorted((bundle / "configs").glob("*.json")):
         text = config.read_text()
         data = json.loads(text)
+        if config.name != "metadata.json":
+            others |= {module for component, module in COMPONENTS.items() if f'"{component}"' in text}
         for line in data.get("imports", []) if isinstance(data, dict) else []:
             match = re.match(r"\$\s*(?:import|from)\s+([\w.]+)", str(line))
             if match and not match.group(1).startswith("ctfm"):
@@ -115,10 +122,10 @@ def _distributions_of() -> dict[str, list[str]]:
 
 
 def _distribution(module: str) -> str:
-    names = [_normalise(n) for n in _distributions_of().get(module, [])]
-    if _normalise(module) in names:  # e.g. "itk", which every itk-* distribution also provides
-        return _normalise(module)
-    return sorted(names)[0] if names else _normalise(KNOWN_DISTRIBUTIONS.get(module, module))
+    names = [normalise_project(n) for n in _distributions_of().get(module, [])]
+    if normalise_project(module) in names:  # e.g. "itk", which every itk-* distribution also provides
+        return normalise_project(module)
+    return sorted(names)[0] if names else normalise_project(KNOWN_DISTRIBUTIONS.get(module, module))
 
 
 def imported_distributions(bundle: Path) -> tuple[set[str], set[str]]:
@@ -149,7 +156,7 @@ def imported_distributions(bundle: Path) -> tuple[set[str], set[str]]:
 
 def _requirements_closure(names: set[str]) -> set[str]:
     """``names`` and everything they require (installed metadata, extras not followed), normalised."""
-    seen, todo = set(), [_normalise(n) for n in names]
+    seen, todo = set(), [normalise_project(n) for n in names]
     while todo:
         name = todo.pop()
         if name in seen:
@@ -168,7 +175,7 @@ def _requirements_closure(names: set[str]) -> set[str]:
                 continue
             if req.marker is not None and not req.marker.evaluate({"extra": ""}):
                 continue
-            todo.append(_normalise(req.name))
+            todo.append(normalise_project(req.name))
     return seen
 
 
@@ -182,10 +189,14 @@ def check_packages(bundle: str | Path) -> list[str]:
     declared = _requirements_closure(required)
     declared_any = declared | _requirements_closure(optional)
     always, sometimes = imported_distributions(bundle)
+
+    def missing(found: set[str], among: set[str]) -> list[str]:
+        return sorted(d for d in found if not ({d} | next((g for g in ALTERNATIVES if d in g), set())) & among)
+
     problems = [f"{path}: required_packages_version lacks {d}, which the bundle's code imports at load time"
-                for d in sorted(always - declared)]
+                for d in missing(always, declared)]
     problems += [f"{path}: neither required_packages_version nor optional_packages names {d}, which the bundle's "
-                 f"code can import" for d in sorted(sometimes - declared_any)]
+                 f"code can import" for d in missing(sometimes, declared_any)]
     return problems
 
 

@@ -8,6 +8,7 @@ a runaway server stops there) and compares the returned sha256 with the one it e
 from __future__ import annotations
 
 import hashlib
+import http.client
 import os
 import urllib.parse
 import urllib.request
@@ -66,6 +67,8 @@ def copy_to(source: str | os.PathLike, target: str | os.PathLike, max_bytes: int
             return _stream(stream, source, Path(target), max_bytes, served)
     except OSError as err:  # urllib's HTTPError / URLError are OSErrors
         raise CTFMError(f"{source}: download failed ({getattr(err, 'reason', None) or err})") from None
+    except (http.client.HTTPException, ValueError) as err:  # a connection cut mid-body, a malformed URL
+        raise CTFMError(f"{source}: download failed ({type(err).__name__}: {err})") from None
 
 
 def _stream(stream, source: str, target: Path, max_bytes: int | None, served: str | None) -> Copied:

@@ -7,18 +7,20 @@ target. :func:`remove_stale_temporaries` removes those at the next start.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-__all__ = ["STALE_AFTER_S", "atomic_path", "remove_stale_temporaries", "sha256sum"]
+__all__ = ["STALE_AFTER_S", "atomic_path", "file_digest", "remove_stale_temporaries", "sha256sum"]
 
 logger = logging.getLogger("ctfm.files")
 
@@ -56,11 +58,12 @@ def _fsync_path(path: Path) -> None:
 
 
 @contextmanager
-def atomic_path(target: str | os.PathLike, is_dir: bool = False, fsync: bool = True) -> Iterator[Path]:
+def atomic_path(target: str | os.PathLike, is_dir: bool = False, fsync: bool = True, replace: bool = True) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success rename it onto ``target``, on error delete it.
 
     The temporary sits in the same folder so the final ``os.replace`` is atomic on POSIX. An existing
-    ``target`` folder is replaced only once the new one is complete. With ``fsync`` (default) the written file
+    ``target`` folder is replaced only once the new one is complete; with ``replace=False`` an existing
+    ``target`` is never touched: :class:`FileExistsError` is raised instead (and the temporary removed). With ``fsync`` (default) the written file
     (for a folder: every file and subfolder in it) is flushed to disk before the rename and the parent folder
     after it, so that after a crash ``target`` is either the old or the complete new content, never an empty
     or truncated file. The temporary's name carries this process's PID (``.<name>.<pid>.<random>.tmp``) so
@@ -77,18 +80,22 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False, fsync: bool = T
         if is_dir:
             for path in [tmp, *tmp.rglob("*")]:  # as mkdir() and open() would have made them, not mkdtemp's 0700
                 if not path.is_symlink():  # chmod follows links: it would change the files linked to
-                    os.chmod(path, _FILE_MODE | (0o111 & ~_UMASK) if path.is_dir() else _FILE_MODE)
+                    executable = path.is_dir() or path.stat().st_mode & stat.S_IXUSR
+                    os.chmod(path, _FILE_MODE | (0o111 & ~_UMASK) if executable else _FILE_MODE)
             if fsync:
                 for path in [*tmp.rglob("*"), tmp]:
                     if not path.is_symlink():
                         _fsync_path(path)
             old = None
-            if target.exists():
+            if not replace:
+                _rename_new(tmp, target)
+            elif target.exists():
                 old = target.with_name(f".{target.name}.{pid}.old")
                 _ACTIVE.add(str(old))
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(target, old)
-            os.replace(tmp, target)
+            if replace:
+                os.replace(tmp, target)
             if old is not None:
                 shutil.rmtree(old, ignore_errors=True)
                 _ACTIVE.discard(str(old))
@@ -96,12 +103,31 @@ def atomic_path(target: str | os.PathLike, is_dir: bool = False, fsync: bool = T
             os.chmod(out, _FILE_MODE)  # as a plain open() would have made it, not mkstemp's 0600
             if fsync:
                 _fsync_path(out)
-            os.replace(out, target)
+            if replace:
+                os.replace(out, target)
+            else:
+                _rename_new(out, target)
         if fsync:
             _fsync_path(target.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         _ACTIVE.discard(str(tmp))
+
+
+def _rename_new(src: Path, target: Path) -> None:
+    """Rename ``src`` onto ``target`` only if nothing is at ``target`` (checked by the rename itself)."""
+    if src.is_dir():
+        if target.exists() or target.is_symlink():
+            raise FileExistsError(errno.EEXIST, "exists", str(target))
+        try:
+            os.rename(src, target)  # a non-empty folder at target (created meanwhile) makes this fail
+        except OSError as err:
+            if err.errno in (errno.EEXIST, errno.ENOTEMPTY):
+                raise FileExistsError(errno.EEXIST, "exists", str(target)) from None
+            raise
+    else:
+        os.link(src, target)  # FileExistsError if target exists
+        os.unlink(src)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -174,10 +200,15 @@ def remove_stale_temporaries(folder: str | os.PathLike, max_age_s: float = STALE
     return handled
 
 
-def sha256sum(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
+def file_digest(path: str | os.PathLike, algorithm: str = "sha256", chunk_bytes: int = 1 << 20) -> str:
+    """Hex digest of a file (any ``hashlib`` algorithm: ``sha256``, ``md5``, ``sha1``, ``sha512``), read in chunks."""
+    digest = hashlib.new(algorithm, usedforsecurity=False) if algorithm == "md5" else hashlib.new(algorithm)
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(chunk_bytes), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def sha256sum(path: str | os.PathLike, chunk_bytes: int = 1 << 20) -> str:
+    """Hex SHA-256 of a file, read in chunks."""
+    return file_digest(path, "sha256", chunk_bytes)

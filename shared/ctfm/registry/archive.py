@@ -13,17 +13,18 @@ different zlib build could compress differently.)
 **Unpacking** (:func:`extract_bundle`). Before a byte is written, every member is checked: one top folder, the
 bundle's name; no absolute path, no ``..``, no backslash or drive letter, no duplicate; only regular files and
 folders (a symlink, device or FIFO member is refused); not encrypted; the unpacked size at most
-:data:`MAX_RATIO` times the archive's and at most ``max_bytes`` (a zip bomb). Members are written into a fresh
-temporary folder and counted as they are inflated, so a member that inflates beyond its declared size stops
-there (``zipfile`` also checks each member's CRC-32).
+:data:`MAX_RATIO` times the archive's and at most ``max_bytes`` (a zip bomb). At most :data:`MAX_MEMBERS` members; no file
+that is also a folder; no two names that one case-insensitive filesystem would take for the same file. Members
+are written into a fresh folder; ``zipfile`` stops each at its declared size and checks its CRC-32.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import stat
+import unicodedata
 import zipfile
-from collections.abc import Iterable
 from pathlib import Path, PurePosixPath
 
 from ctfm.errors import CTFMError
@@ -31,6 +32,7 @@ from ctfm.errors import CTFMError
 __all__ = [
     "EXCLUDED_PARTS",
     "EXCLUDED_SUFFIXES",
+    "MAX_MEMBERS",
     "MAX_RATIO",
     "MAX_UNPACKED_BYTES",
     "ZIP_DATE_TIME",
@@ -39,6 +41,8 @@ __all__ = [
     "check_symlinks",
     "extract_bundle",
     "large_file_entries",
+    "path_problem",
+    "safe_relative",
     "write_zip",
 ]
 
@@ -55,6 +59,8 @@ _UNIX = 3  # ZipInfo.create_system: external_attr holds Unix mode bits
 MAX_RATIO = 100.0
 #: Largest unpacked size accepted by default (bytes).
 MAX_UNPACKED_BYTES = 8 << 30
+#: Most members accepted (a bundle has tens; zero-byte members would pass the size checks).
+MAX_MEMBERS = 10_000
 
 
 def check_symlinks(bundle: Path) -> list[str]:
@@ -128,14 +134,35 @@ def write_zip(bundle: Path, target: Path) -> Path:
     return Path(target)
 
 
+def path_problem(path: str) -> str | None:
+    """Why ``path`` (``/``-separated, relative) could leave its folder or alias another file, or None if it is safe:
+    absolute, a drive letter or backslash, NUL, ``..``, an empty or ``.`` part."""
+    if not path or path.startswith("/") or "\\" in path or "\0" in path or (len(path) > 1 and path[1] == ":"):
+        return "an absolute or non-POSIX path"
+    if any(p in ("", ".", "..") for p in path.rstrip("/").split("/")):
+        return "outside its folder ('..' or an empty part)"
+    return None
+
+
+def safe_relative(path: str, where: str) -> PurePosixPath:
+    """``path`` as a relative path that stays inside its folder.
+
+    Raises:
+        CTFMError: ``<where>: path <path> is <problem>``.
+    """
+    problem = path_problem(str(path))
+    if problem:
+        raise CTFMError(f"{where}: path {str(path)!r} is {problem}")
+    return PurePosixPath(str(path))
+
+
 def _member_problem(info: zipfile.ZipInfo, top: str) -> str | None:
     name = info.filename
+    problem = path_problem(name)
+    if problem:
+        return f"member {name!r} is {problem}"
     parts = PurePosixPath(name).parts
-    if name.startswith("/") or "\\" in name or (len(name) > 1 and name[1] == ":"):
-        return f"member {name!r} has an absolute or non-POSIX path"
-    if ".." in parts or any(p in ("", ".") for p in name.rstrip("/").split("/")):
-        return f"member {name!r} leaves its folder ('..' or an empty part)"
-    if not parts or parts[0] != top:
+    if parts[0] != top or len(parts) < 2:
         return f"member {name!r} is not under the bundle folder {top}/"
     kind = stat.S_IFMT(info.external_attr >> 16)
     if kind == stat.S_IFLNK:
@@ -156,15 +183,22 @@ def check_members(archive: zipfile.ZipFile, top: str, archive_bytes: int, max_by
     infos = archive.infolist()
     if not infos:
         raise CTFMError("empty archive")
-    seen = set()
+    if len(infos) > MAX_MEMBERS:
+        raise CTFMError(f"more than {MAX_MEMBERS} members")
+    seen, folders = set(), set()
     for info in infos:
         problem = _member_problem(info, top)
         if problem:
             raise CTFMError(problem)
-        key = info.filename.rstrip("/")
+        key = unicodedata.normalize("NFC", info.filename.rstrip("/")).casefold()  # one file on every filesystem
         if key in seen:
             raise CTFMError(f"member {info.filename!r} appears twice")
         seen.add(key)
+        parents = PurePosixPath(key).parents
+        folders.update(str(p) for p in list(parents)[:-1])
+    clash = sorted(seen & folders - {unicodedata.normalize("NFC", i.filename.rstrip("/")).casefold() for i in infos if i.is_dir()})
+    if clash:
+        raise CTFMError(f"member {clash[0]!r} is both a file and a folder")
     unpacked = sum(i.file_size for i in infos)
     limit = min(max_bytes, MAX_RATIO * max(archive_bytes, 1))
     if unpacked > limit:
@@ -195,7 +229,8 @@ def extract_bundle(
                     target.mkdir(parents=True, exist_ok=True)
                     continue
                 target.parent.mkdir(parents=True, exist_ok=True)
-                _inflate(archive, info, target)
+                with archive.open(info) as src, open(target, "xb") as out:  # zipfile stops at the declared size
+                    shutil.copyfileobj(src, out, length=1 << 20)
                 if (info.external_attr >> 16) & 0o111:
                     target.chmod(0o755)
                 written.append(target)
@@ -203,18 +238,6 @@ def extract_bundle(
         raise CTFMError(f"{source}: {err}") from None
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError, ValueError, NotImplementedError) as err:
         raise CTFMError(f"{source}: not a readable zip ({err})") from None
+    except OSError as err:
+        raise CTFMError(f"{source}: cannot be unpacked ({err.strerror or err})") from None
     return written
-
-
-def _inflate(archive: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path) -> None:
-    left = info.file_size
-    with archive.open(info) as src, open(target, "xb") as out:
-        for chunk in _chunks(src):
-            left -= len(chunk)
-            if left < 0:
-                raise CTFMError(f"member {info.filename!r} inflates beyond its declared {info.file_size} bytes")
-            out.write(chunk)
-
-
-def _chunks(stream, size: int = 1 << 20) -> Iterable[bytes]:
-    return iter(lambda: stream.read(size), b"")

@@ -4,26 +4,28 @@
 limit and its sha256 compared with the index before it is opened; its members are checked
 (:func:`ctfm.registry.archive.check_members`: no absolute path, ``..``, symlink or zip bomb) before a byte is
 unpacked; it is unpacked into a temporary folder next to the target, the large files the registry hosts are
-fetched into it with their sha256 checked (large files it does not host are reported with the command that fetches
-them), and only then is the folder renamed onto ``<bundle_dir>/<name>``. On any failure the temporary folder is
-removed: nothing is left behind. An existing ``<bundle_dir>/<name>`` is never overwritten, in part or whole (it may
+fetched into it with their size and sha256 checked (none may replace a file of the zip; large files it does not
+host are reported with the command that fetches them), the folder is flushed to disk and only then renamed onto
+``<bundle_dir>/<name>`` (:func:`ctfm.files.atomic_path`). On any failure the temporary folder, and any folder the
+call created for ``bundle_dir``, is removed: nothing is left behind. An existing ``<bundle_dir>/<name>`` is never overwritten, in part or whole (it may
 hold a user's outputs): the same version already there is reported and kept, another refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-import shutil
 import tempfile
+import urllib.parse
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from ctfm.download import copy_to, join
 from ctfm.errors import CTFMError
-from ctfm.files import remove_stale_temporaries
+from ctfm.files import atomic_path, file_digest, remove_stale_temporaries
 from ctfm.registry.archive import MAX_UNPACKED_BYTES, check_members, extract_bundle
 from ctfm.registry.index import PACKAGES, SIMPLE, read_index, select, version_of
 
@@ -60,19 +62,28 @@ def list_bundles(registry: str | os.PathLike) -> dict[str, list[dict]]:
     return {name: sorted(entries, key=version_of) for name, entries in sorted(by_name.items())}
 
 
-def _safe_rel(path: str, where: str) -> PurePosixPath:
-    rel = PurePosixPath(str(path))
-    if rel.is_absolute() or "\\" in str(path) or not rel.parts or ".." in rel.parts or (len(str(path)) > 1 and str(path)[1] == ":"):
-        raise CTFMError(f"{where}: large file path {path!r} leaves the bundle folder")
-    return rel
-
-
-def _fetch_checked(url: str, target: Path, sha256: str, size: int | None, what: str) -> None:
+def _fetch_checked(url: str, target: Path, sha256: str, size: int | None, what: str, consequence: str = "") -> None:
     copied = copy_to(url, target, max_bytes=size)
     if size is not None and copied.size != size:
-        raise CTFMError(f"{url}: {copied.size} bytes, the index says {size}: truncated or replaced {what}")
+        raise CTFMError(f"{url}: {copied.size} bytes, the index says {size}: truncated or replaced {what}{consequence}")
     if copied.sha256 != str(sha256).lower():
-        raise CTFMError(f"{url}: sha256 {copied.sha256} differs from the index's {sha256}: tampered or damaged {what}; nothing unpacked")
+        raise CTFMError(f"{url}: sha256 {copied.sha256} differs from the index's {sha256}: tampered or damaged {what}{consequence}")
+
+
+def _marker(registry: str) -> str:
+    """The registry as the marker records it: a folder as an absolute path, a URL without credentials."""
+    if "://" not in registry:
+        return str(Path(registry).resolve())
+    parts = urllib.parse.urlsplit(registry)
+    host = (parts.hostname or "") + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=host))
+
+
+def _there(target: Path) -> dict:
+    try:
+        return json.loads((target / MARKER).read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def download(
@@ -92,43 +103,57 @@ def download(
     entry = select(read_index(registry), name, version)
     bundle_dir = Path(bundle_dir) if bundle_dir is not None else default_bundle_dir()
     target = bundle_dir / name
-    if target.exists() or target.is_symlink():
-        marker = target / MARKER
-        there = json.loads(marker.read_text()) if marker.is_file() else {}
+
+    def existing() -> Downloaded:
+        there = _there(target)
         if there.get("sha256") == entry["sha256"]:
             logger.info("%s: version %s is there already", target, entry["version"])
             return Downloaded(target, str(entry["version"]), already_there=True)
         what = f"version {there['version']}" if there.get("version") else "not from this registry"
         raise CTFMError(f"{target}: exists ({what}); remove it or choose another --bundle_dir to download version {entry['version']}")
+
+    if target.exists() or target.is_symlink():
+        return existing()
+    made = [p for p in [bundle_dir, *bundle_dir.parents] if not p.exists()]
     bundle_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(bundle_dir)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.{os.getpid()}.", suffix=".tmp", dir=bundle_dir))
+    url = join(registry, entry["source"])
+    not_fetched = []
     try:
-        archive, url = tmp / f"{name}.zip", join(registry, entry["source"])
-        _fetch_checked(url, archive, entry["sha256"], int(entry["size"]), "bundle zip")
-        unpacked = tmp / name
-        unpacked.mkdir()
-        extract_bundle(archive, name, unpacked, max_bytes=max_bytes, source=url)
-        meta = json.loads((unpacked / "configs" / "metadata.json").read_text())
-        if str(meta.get("version")) != str(entry["version"]):
-            raise CTFMError(f"{join(registry, entry['source'])}: holds version {meta.get('version')}, the index says {entry['version']}")
-        not_fetched = []
-        for large in entry.get("large_files", []):
-            rel = _safe_rel(large["path"], join(registry, entry["source"]))
-            if not large.get("hosted"):
-                not_fetched.append(rel.as_posix())
-                continue
-            path = unpacked.joinpath(*rel.parts)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            _fetch_checked(join(registry, large["source"]), path, large["sha256"], large.get("size"), f"large file {rel}")
-        (unpacked / MARKER).write_text(json.dumps({"name": name, "version": entry["version"], "sha256": entry["sha256"],
-                                                   "registry": registry}, indent=2) + "\n")
-        try:
-            os.rename(unpacked, target)  # fails on an existing non-empty folder: never merged into
-        except OSError as err:
-            raise CTFMError(f"{target}: could not be created ({err.strerror}); nothing was changed") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_path(target, is_dir=True, replace=False) as unpacked:
+            archive = unpacked / f".{name}.download.zip"
+            _fetch_checked(url, archive, entry["sha256"], entry["size"], "bundle zip", "; nothing unpacked")
+            extract_bundle(archive, name, unpacked, max_bytes=max_bytes, source=url)
+            archive.unlink()
+            try:
+                meta = json.loads((unpacked / "configs" / "metadata.json").read_text())
+            except (OSError, ValueError) as err:
+                raise CTFMError(f"{url}: no readable configs/metadata.json ({err})") from None
+            if str(meta.get("version")) != str(entry["version"]):
+                raise CTFMError(f"{url}: holds version {meta.get('version')}, the index says {entry['version']}")
+            budget = max_bytes - sum(p.stat().st_size for p in unpacked.rglob("*") if p.is_file())
+            for large in entry.get("large_files", []):
+                rel = PurePosixPath(large["path"])  # read_index checked it stays inside
+                if not large.get("hosted"):
+                    not_fetched.append(rel.as_posix())
+                    continue
+                path = unpacked.joinpath(*rel.parts)
+                if path.exists() or rel.parts[0].startswith(".") or any(p.is_file() for p in path.parents):
+                    raise CTFMError(f"{url}: large file {rel} would replace a file of the bundle zip")
+                budget -= large["size"]
+                if budget < 0:
+                    raise CTFMError(f"{url}: with its large files the bundle exceeds {max_bytes} bytes")
+                path.parent.mkdir(parents=True, exist_ok=True)
+                _fetch_checked(join(registry, large["source"]), path, large["sha256"], large["size"], f"large file {rel}")
+            (unpacked / MARKER).write_text(json.dumps({"name": name, "version": entry["version"], "sha256": entry["sha256"],
+                                                       "registry": _marker(registry)}, indent=2) + "\n")
+    except FileExistsError:  # another download finished first
+        return existing()
+    except BaseException:
+        for folder in made:  # folders this call created, if still empty
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
     if not_fetched:
         logger.warning("%s: %d large file(s) the registry does not host (%s); fetch them with `python -m monai.bundle "
                        "download_large_files --bundle_path %s` (needs their URLs)", target, len(not_fetched),
@@ -140,7 +165,6 @@ def verify(registry: str | os.PathLike, max_bytes: int = MAX_UNPACKED_BYTES) -> 
     """Every problem of a registry, one line each: each zip's size, sha256, MD5 checksum and members, the metadata
     version inside it, each hosted large file, each wheel against the PEP 503 page's ``#sha256=``, and each
     bundle's ``ctfm`` pin against the wheels served. An empty list: all is well."""
-    import hashlib
     import re
 
     registry = str(registry)
@@ -169,8 +193,8 @@ def verify(registry: str | os.PathLike, max_bytes: int = MAX_UNPACKED_BYTES) -> 
             url = join(registry, entry["source"])
             archive = work / "bundle.zip"
             try:
-                _fetch_checked(url, archive, entry["sha256"], int(entry["size"]), "bundle zip")
-                md5 = hashlib.md5(archive.read_bytes(), usedforsecurity=False).hexdigest()
+                _fetch_checked(url, archive, entry["sha256"], entry["size"], "bundle zip")
+                md5 = file_digest(archive, "md5")
                 if entry.get("checksum") and entry["checksum"] != md5:
                     problems.append(f"{url}: MD5 {md5} differs from the index's checksum {entry['checksum']}")
                 with zipfile.ZipFile(archive) as z:
@@ -188,7 +212,6 @@ def verify(registry: str | os.PathLike, max_bytes: int = MAX_UNPACKED_BYTES) -> 
                 problems.append(str(err) if isinstance(err, CTFMError) else f"{url}: {err}")
             for large in (f for f in entry.get("large_files", []) if f.get("hosted")):
                 try:
-                    _safe_rel(large["path"], url)
                     _fetch_checked(join(registry, large["source"]), work / "large", large["sha256"], large.get("size"), "large file")
                 except CTFMError as err:
                     problems.append(str(err))

@@ -43,6 +43,7 @@ __all__ = [
     "SIMPLE",
     "entry_key",
     "latest",
+    "normalise_project",
     "read_index",
     "registry_of",
     "select",
@@ -60,6 +61,7 @@ HUGGINGFACE = "huggingface"
 #: Environment variable naming the registry when ``--registry`` is not given.
 REGISTRY_ENV = "CTFM_REGISTRY"
 MAX_INDEX_BYTES = 16 << 20
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 def registry_of(registry: str | os.PathLike | None) -> str:
@@ -97,14 +99,32 @@ def read_index(registry: str | os.PathLike) -> dict[str, dict]:
     if not isinstance(index, dict):
         raise CTFMError(f"{source}: not a registry index (a JSON object is expected)")
     for key, entry in index.items():
-        missing = [f for f in ("name", "version", "source", "sha256", "size") if not isinstance(entry, dict) or f not in entry]
-        if missing:
-            raise CTFMError(f"{source}: entry {key!r} lacks {', '.join(missing)}")
-        if key != entry_key(entry["name"], entry["version"]):
-            raise CTFMError(f"{source}: entry {key!r} names {entry['name']} version {entry['version']}")
-        if not re.fullmatch(r"[0-9a-f]{64}", str(entry["sha256"])):
-            raise CTFMError(f"{source}: entry {key!r} has no sha256 hex digest")
+        problem = _entry_problem(key, entry)
+        if problem:
+            raise CTFMError(f"{source}: entry {key!r} {problem}")
     return index
+
+
+def _entry_problem(key: str, entry) -> str | None:
+    """What makes an index entry unusable or unsafe (its files must lie inside the registry), or None."""
+    from ctfm.registry.archive import path_problem
+
+    missing = [f for f in ("name", "version", "source", "sha256", "size") if not isinstance(entry, dict) or f not in entry]
+    if missing:
+        return f"lacks {', '.join(missing)}"
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", str(entry["name"])) or key != entry_key(entry["name"], entry["version"]):
+        return f"names bundle {entry['name']!r} version {entry['version']!r}"
+    if not _SHA256.fullmatch(str(entry["sha256"])) or not isinstance(entry["size"], int):
+        return "has no sha256 hex digest or no size in bytes"
+    if "://" in str(entry["source"]) or path_problem(str(entry["source"])):
+        return f"has source {entry['source']!r}, not a path inside the registry"
+    for large in entry.get("large_files", []):
+        if not isinstance(large, dict) or not isinstance(large.get("path"), str) or path_problem(large["path"]):
+            return f"has a large file {large!r} whose path is not inside the bundle"
+        if large.get("hosted") and ("://" in str(large.get("source")) or path_problem(str(large.get("source")))
+                                    or not _SHA256.fullmatch(str(large.get("sha256"))) or not isinstance(large.get("size"), int)):
+            return f"hosts large file {large['path']!r} without a source inside the registry, a sha256 and a size"
+    return None
 
 
 def version_of(entry: Mapping) -> Version:
@@ -143,7 +163,7 @@ def write_index(folder: Path, index: Mapping[str, dict]) -> Path:
     return Path(folder) / INDEX
 
 
-def _normalise(project: str) -> str:
+def normalise_project(project: str) -> str:
     """PEP 503's normalised project name."""
     return re.sub(r"[-_.]+", "-", project).lower()
 
@@ -158,7 +178,7 @@ def write_simple_index(folder: Path) -> list[Path]:
     folder = Path(folder)
     projects: dict[str, list[tuple[str, str, str]]] = {}
     for wheel in sorted((folder / PACKAGES).glob("*.whl")):
-        project = _normalise(wheel.name.split("-")[0])
+        project = normalise_project(wheel.name.split("-")[0])
         with zipfile.ZipFile(wheel) as archive:
             meta = next((n for n in archive.namelist() if n.endswith(".dist-info/METADATA")), None)
             text = archive.read(meta).decode() if meta else ""
