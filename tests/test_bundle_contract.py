@@ -32,6 +32,8 @@ WORKFLOWS = [
     ("ctfm_pretrain", ["inference.json", "inference_trt.json"], "infer"),
     ("ctfm_pretrain", ["train.json"], "train"),
     ("ctfm_pretrain", ["train.json", "train_ctfm.json"], "train"),
+    ("ctfm_pretrain", ["train.json", "train_dino.json"], "train"),
+    ("ctfm_pretrain", ["train.json", "train_dino.json", "train_dino_vit.json"], "train"),
     ("ctfm_segmentation", ["inference.json"], "infer"),
     ("ctfm_segmentation", ["inference.json", "inference_onnx.json"], "infer"),
     ("ctfm_segmentation", ["inference.json", "inference_trt.json"], "infer"),

@@ -31,6 +31,7 @@ from torch import nn
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path, sha256sum
 from ctfm.networks.encoder import CTFM_BLOCKS_DOWN, STEM_WEIGHT, CTFMEncoder, adapt_input_conv
+from ctfm.networks.vit import VIT_MODEL_TYPE, CTFMViT
 
 __all__ = [
     "CheckpointError",
@@ -51,6 +52,8 @@ ENCODER_CONFIG_KEYS = ("blocks_down", "in_channels", "init_filters", "spatial_di
 SEGMENTATION_CONFIG_KEYS = ("out_channels", "dsdepth")
 #: ... and of a :class:`~ctfm.networks.CTFMClassifier`.
 CLASSIFIER_CONFIG_KEYS = ("num_classes", "head", "hidden_features")
+#: ... and of a :class:`~ctfm.networks.CTFMViT` folder, told apart by ``"model_type": "ctfm_vit"``.
+VIT_CONFIG_KEYS = ("model_type", "in_channels", "img_size", "patch_size", "hidden_size", "mlp_dim", "num_layers", "num_heads", "spatial_dims")
 _CONTAINER_KEYS = ("state_dict", "model", "network", "model_state_dict")
 
 
@@ -186,9 +189,11 @@ def _fit(
     return report
 
 
-def load_encoder(path: str | os.PathLike, sha256: str | None = None) -> tuple[CTFMEncoder, LoadReport]:
+def load_encoder(path: str | os.PathLike, sha256: str | None = None) -> tuple[CTFMEncoder | CTFMViT, LoadReport]:
     """Build a :class:`CTFMEncoder` of the checkpoint's size and load it: an encoder alone, or the encoder of a
-    segmentation network or pre-training checkpoint, in any layout of this module (files read once).
+    segmentation network or pre-training checkpoint, in any layout of this module (files read once). A Hugging
+    Face folder whose ``config.json`` has ``"model_type": "ctfm_vit"`` builds a :class:`~ctfm.networks.CTFMViT`
+    instead (a ViT loads from its folder only: its heads and input size are not in the weights).
 
     Raises:
         CheckpointError: as :func:`load_weights`; also a checkpoint without an encoder.
@@ -198,7 +203,11 @@ def load_encoder(path: str | os.PathLike, sha256: str | None = None) -> tuple[CT
         _check_sha256(path / HF_WEIGHTS if path.is_dir() else path, sha256)
     state, layout = read_state_dict(path)
     if path.is_dir() and (path / HF_CONFIG).is_file():
-        config = {k: v for k, v in _read_hf_config(path).items() if k in ENCODER_CONFIG_KEYS}
+        config = _read_hf_config(path)
+        if config.get("model_type") == VIT_MODEL_TYPE:
+            vit = CTFMViT(**{k: v for k, v in config.items() if k != "model_type"})
+            return vit, _fit(vit, state, layout, path, strict=True)
+        config = {k: v for k, v in config.items() if k in ENCODER_CONFIG_KEYS}
     else:
         config = _infer_encoder_config(path, state)
     encoder = CTFMEncoder(**config)
@@ -242,6 +251,8 @@ def _read_hf_config(folder: Path) -> dict:
         raise CheckpointError(f"{folder / HF_CONFIG}: not a model config (a JSON object)")
     defaults = {"act": "relu", "norm": "batch", "head_module": None, "anisotropic_scales": None, "upsample_mode": "deconv"}
     known = {*ENCODER_CONFIG_KEYS, *SEGMENTATION_CONFIG_KEYS, *CLASSIFIER_CONFIG_KEYS}
+    if config.get("model_type") == VIT_MODEL_TYPE:
+        known = set(VIT_CONFIG_KEYS)
     other = {k: v for k, v in config.items() if k not in known and defaults.get(k, "?") != v}
     if other:
         raise CheckpointError(f"{folder / HF_CONFIG}: not a CT-FM encoder, SegResNetDS or classifier config (unsupported settings {other})")
@@ -260,7 +271,8 @@ def _infer_encoder_config(path: Path, state: dict[str, torch.Tensor]) -> dict:
     state = {_WRAPPER_SEGMENTS.sub("", k): v for k, v in state.items()}
     conv = [k for k in state if k.endswith("conv_init.weight")]
     if not conv:
-        raise CheckpointError(f"{path}: no conv_init.weight: not a CT-FM / SegResEncoder checkpoint")
+        vit = " (a ViT's weights load from its Hugging Face folder, with config.json)" if any("patch_embedding." in k for k in state) else ""
+        raise CheckpointError(f"{path}: no conv_init.weight: not a CT-FM / SegResEncoder checkpoint{vit}")
     prefix = conv[0][: -len("conv_init.weight")]
     weight = state[conv[0]]
     blocks = {}

@@ -27,9 +27,15 @@ from monai.transforms import (
 from monai.utils import convert_to_tensor
 from torch import nn
 
-__all__ = ["VIEW_KEYS", "IntraSampleNTXentLoss", "IntraSampleViewsd", "prepare_views"]
+__all__ = ["VIEW_KEYS", "IntraSampleNTXentLoss", "IntraSampleViewsd", "prepare_views", "view_augmentations"]
 
 VIEW_KEYS = ("view0", "view1")
+
+
+def view_augmentations() -> list:
+    """CT-FM's augmentations of a view after its crop, new instances each call: flip along S-I (p=0.5), histogram
+    shift with 5 control points (p=0.5), Gaussian smoothing (p=0.5). Channel-first tensors in [0, 1]."""
+    return [RandFlip(prob=0.5, spatial_axis=0), RandHistogramShift(num_control_points=5, prob=0.5), RandGaussianSmooth(prob=0.5)]
 
 
 class IntraSampleViewsd(Randomizable, MapTransform):
@@ -39,8 +45,8 @@ class IntraSampleViewsd(Randomizable, MapTransform):
     Output ``d["view0"]``, ``d["view1"]``: ``(num_crops, C, *crop_size)`` float32; ``d[key]`` is dropped to
     keep batches small.
 
-    Views follow CT-FM: random resized crop (scale ``min_scale``..1 per axis, resized back, always), flip
-    along S-I (p=0.5), histogram shift with 5 control points (p=0.5), Gaussian smoothing (p=0.5).
+    Views follow CT-FM: random resized crop (scale ``min_scale``..1 per axis, resized back, always), then
+    :func:`view_augmentations` (flip along S-I, histogram shift, Gaussian smoothing, each p=0.5).
     """
 
     def __init__(self, keys: str = "image", num_crops: int = 15, crop_size: Sequence[int] = (32, 128, 128), min_scale: float = 0.33):
@@ -54,9 +60,7 @@ class IntraSampleViewsd(Randomizable, MapTransform):
             [
                 RandScaleCrop(min_scale, max_roi_scale=1.0, random_size=True),
                 Resize(self.crop_size, mode="trilinear"),
-                RandFlip(prob=0.5, spatial_axis=0),
-                RandHistogramShift(num_control_points=5, prob=0.5),
-                RandGaussianSmooth(prob=0.5),
+                *view_augmentations(),
             ]
         )
 
