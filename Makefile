@@ -48,7 +48,7 @@ test-fast: setup
 test: setup
 	$(PY) ci/verify_bundle.py --full
 	$(PY) ci/check_lighter_zoo.py
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 package: setup
 	$(PY) ci/package_bundle.py

@@ -109,7 +109,7 @@ from packaging.version import InvalidVersion, Version
 from check_packages import check_packages
 
 from ctfm.files import sha256sum
-from ctfm.registry.archive import check_symlinks
+from ctfm.registry.archive import check_symlinks, path_problem
 
 CI_DIR = Path(__file__).resolve().parent
 #: Metadata schemas stored here (see SCHEMAS.md): file name -> sha256 of the file.
@@ -429,9 +429,8 @@ def check_large_files(bundle: Path) -> list[str]:
         problems += [f"{where}: {key} is empty" for key in ("path", "url", "hash_type") if key in entry and not entry[key]]
         rel = str(entry.get("path") or "")
         if rel:
-            parts = Path(rel).parts
-            if Path(rel).is_absolute() or ".." in parts:
-                problems.append(f"{where}: path must be relative and inside the bundle")
+            if path_problem(rel):
+                problems.append(f"{where}: path must be relative and inside the bundle ({path_problem(rel)})")
             if rel in seen:
                 problems.append(f"{where}: listed twice")
             seen.add(rel)

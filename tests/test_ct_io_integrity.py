@@ -158,7 +158,8 @@ def test_metaimage_shorter_than_its_header_is_refused_before_itk_allocates(tmp_p
 
 
 def test_cli_refuses_1000_cubed_header_fast_and_small(tmp_path):
-    """``python -m ctfm.ct_io`` on the ~80-byte header: exit 1, one ``error:`` line, < 1 GB peak RSS."""
+    """``python -m ctfm.ct_io`` on the ~80-byte header: exit 1, one ``error:`` line, < 1 GB peak RSS (its time,
+    mostly importing torch and MONAI, depends on the machine: no test asserts it)."""
     path = header_only_nifti(tmp_path / "big.nii.gz", (1000, 1000, 1000))
     # A fresh parent so that RUSAGE_CHILDREN sees only this one child.
     probe = textwrap.dedent(f"""
@@ -169,11 +170,10 @@ def test_cli_refuses_1000_cubed_header_fast_and_small(tmp_path):
         sys.stderr.write(r.stderr)
     """)
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    returncode, seconds, max_rss_kb = result.stdout.split()
+    returncode, _seconds, max_rss_kb = result.stdout.split()
     assert int(returncode) == 1
     lines = result.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {path}: ") and "1000x1000x1000" in lines[0], lines
-    assert float(seconds) < 15.0  # almost all of it is importing torch / MONAI
     assert int(max_rss_kb) < 1024 * 1024  # KB on Linux: under 1 GB (a 1000^3 read would need 2 GB + 4 GB)
 
 

@@ -168,7 +168,14 @@ def test_shipped_weights_evaluate_to_the_metadata_numbers(tmp_path):
     printed = json.loads((tmp_path / "metrics.json").read_text())
     from ctfm.triage.evaluation import metadata_eval_metrics
 
-    assert {k: v for k, v in meta.items() if k != "evaluated_on"} == metadata_eval_metrics(printed), proc.stdout[-2000:]
+    recorded = {k: v for k, v in meta.items() if k != "evaluated_on"}
+    measured = metadata_eval_metrics(printed)
+    assert recorded.keys() == measured.keys()
+    # The demo weights give nearly one probability to every test CT (docs/README.md), so another CPU's rounding can
+    # swap a near-tied pair: one of a finding's 300-375 positive-negative pairs moves its AUROC by about 0.003. 0.02 allows a few such swaps, and
+    # no other model.
+    off = {k: (recorded[k], measured[k]) for k in recorded if abs(recorded[k] - measured[k]) > 0.02}
+    assert not off, (off, proc.stdout[-2000:])
 
 
 def test_shipped_weights_on_the_real_head_ct_nifti_and_dicom(tmp_path):
