@@ -2,14 +2,17 @@
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
-__all__ = ["ENV", "bundle_runner", "error_line"]
+__all__ = ["ENV", "bundle_runner", "error_line", "kill_at_first_checkpoint"]
 
-#: One thread per process: on a shared 2-core machine more threads oversubscribe and run several times slower.
+#: One thread per process: on a shared 2-core machine more threads oversubscribe and run several times slower, and
+#: one-thread runs are bit-for-bit repeatable (seed 0 in the configs) whatever the machine's cores.
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
@@ -37,3 +40,16 @@ def error_line(proc: subprocess.CompletedProcess) -> str:
     assert len(lines) == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-3000:]
     return lines[0]
+
+
+def kill_at_first_checkpoint(process: subprocess.Popen, checkpoints: Path, timeout_s: float = 300, poll_s: float = 0.05) -> Path | None:
+    """SIGKILL ``process`` as soon as a checkpoint appears in ``checkpoints`` (or after ``timeout_s``, or when it
+    has ended); returns the latest checkpoint then (None if there was none)."""
+    from ctfm.engine import latest_checkpoint
+
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and latest_checkpoint(checkpoints) is None and process.poll() is None:
+        time.sleep(poll_s)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return latest_checkpoint(checkpoints)

@@ -4,15 +4,13 @@ the sample CT at tiny sizes."""
 
 import json
 import math
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from bundle_runs import ENV, bundle_runner
+from bundle_runs import ENV, bundle_runner, kill_at_first_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ctfm.checkpoint import load_encoder
@@ -82,12 +80,7 @@ def test_vit_killed_mid_run_resumes_to_the_same_step_teacher_and_centre(tmp_path
     straight = subprocess.Popen(command(straight_root, VIT, **settings), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV)
     killed = subprocess.Popen(command(killed_root, VIT, **settings), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     ckpts = killed_root / "models" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and latest_checkpoint(ckpts) is None and killed.poll() is None:
-        time.sleep(0.02)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    first = latest_checkpoint(ckpts)
+    first = kill_at_first_checkpoint(killed, ckpts, poll_s=0.02)
     assert first is not None and first.name != "checkpoint_iteration=12.pt", "the run ended before it could be killed"
     assert not (killed_root / "models" / "encoder_hf").exists()
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # no half-written checkpoint survives

@@ -2,15 +2,13 @@
 
 import json
 import math
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
+from bundle_runs import ENV, kill_at_first_checkpoint
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from ctfm.checkpoint import load_encoder
@@ -38,10 +36,6 @@ def bundle_command(root: Path, configs: list[str], **overrides) -> list[str]:
     config_file = configs[0] if len(configs) == 1 else json.dumps(configs)
     args = [f"--{k}={v}" for k, v in {**SMALL, **overrides, "bundle_root": str(root)}.items()]
     return ["-m", "monai.bundle", "run", "--config_file", config_file, *args]
-
-
-#: One thread: the runs are then bit-for-bit repeatable (seed 0 in the config), whatever the machine's cores.
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def run_bundle(root: Path, **overrides) -> subprocess.CompletedProcess:
@@ -83,12 +77,7 @@ def test_sigkill_after_checkpoint_resumes_to_the_same_step_and_weights(tmp_path)
     cmd = [sys.executable, *bundle_command(tmp_path, [TRAIN], **settings)]
     killed = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=ENV)
     ckpts = tmp_path / "models" / "checkpoints"
-    deadline = time.time() + 300
-    while time.time() < deadline and latest_checkpoint(ckpts) is None and killed.poll() is None:
-        time.sleep(0.2)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    first = latest_checkpoint(ckpts)
+    first = kill_at_first_checkpoint(killed, ckpts, poll_s=0.2)
     assert first is not None and first.name != "checkpoint_iteration=12.pt"
     assert not [p for p in ckpts.iterdir() if p.name.startswith(".")]  # no half-written file survives
     proc = run_bundle(tmp_path, **settings)
