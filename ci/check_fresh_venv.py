@@ -137,8 +137,9 @@ def check(names: list[str], work: Path) -> list[dict]:
 
 
 def write_report(rows: list[dict], path: Path) -> None:
+    commit = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     lines = ["# Fresh-venv check: each bundle from the registry, in a venv made from its metadata alone", "",
-             f"`python ci/check_fresh_venv.py` on {time.strftime('%Y-%m-%d')}, {platform.platform()}, "
+             f"`python ci/check_fresh_venv.py` at commit {commit or '?'} on {time.strftime('%Y-%m-%d')}, {platform.platform()}, "
              f"Python {platform.python_version()}; packages from PyPI, `ctfm` from the registry's simple index "
              "(`--no-deps`), torch pinned by constraints.txt.", "",
              "| bundle | version | pins from metadata | packages in the venv | install (s) | downloaded run (s) | in-repo run (s) | output files | same outputs |",
