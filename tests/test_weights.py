@@ -42,8 +42,12 @@ def test_a_name_resolves_in_its_own_bundle_and_otherwise_says_how_to_fetch(tmp_p
     monkeypatch.setattr("ctfm.weights._downloaded_bundles", lambda: tmp_path / "hub")
     path, expected = resolve("ctfm_segmentation_demo", BUNDLES / "ctfm_segmentation")
     assert path == BUNDLES / "ctfm_segmentation" / "models" / "model.pt" and len(expected) == 1
+    for bundle in ("ctfm_segmentation", "ctfm_triage"):  # each ships its own copy of the encoder it fine-tunes
+        path, expected = resolve("ctfm_pretrain_demo", BUNDLES / bundle)
+        assert path == BUNDLES / bundle / "models" / "ctfm_pretrain_demo"
+        assert sorted(p.name for p in expected) == ["config.json", "model.safetensors"]
     with pytest.raises(CTFMError, match="python -m ctfm.weights fetch ctfm_pretrain_demo --source"):
-        resolve("ctfm_pretrain_demo", BUNDLES / "ctfm_segmentation")  # never the sibling bundle's folder
+        resolve("ctfm_pretrain_demo", BUNDLES / "ctfm_retrieval")  # never the sibling bundle's folder
     with pytest.raises(CTFMError, match="python -m ctfm.weights fetch whole_body_segmentation`"):
         resolve("whole_body_segmentation")
 

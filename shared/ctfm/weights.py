@@ -216,6 +216,9 @@ def resolve(source: str | os.PathLike, bundle_root: str | os.PathLike | None = N
         roots.append(_downloaded_bundles() / known.bundle)
         if bundle_root is not None and Path(bundle_root).resolve().name == known.bundle:
             roots.insert(0, Path(bundle_root).resolve())
+    copy = _copy_in_bundle(known, bundle_root)
+    if copy is not None:
+        return copy
     root = next((r for r in roots if all((r / rel).is_file() for rel in known.files)), roots[0])
     expected = {root / rel: digest for rel, digest in known.files.items() if digest}
     missing = [rel for rel in known.files if not (root / rel).is_file()]
@@ -223,6 +226,20 @@ def resolve(source: str | os.PathLike, bundle_root: str | os.PathLike | None = N
         how = f"python -m ctfm.weights fetch {known.name}" + ("" if known.url else " --source <folder or URL>")
         raise CTFMError(f"{root / missing[0]}: weights '{known.name}' are not on this machine; run `{how}` or pass a path")
     return root / known.load_path, expected
+
+
+def _copy_in_bundle(known: KnownWeights, bundle_root: str | os.PathLike | None) -> tuple[Path, dict[Path, str]] | None:
+    """A copy of another bundle's shipped weights that the running bundle ships itself, as ``models/<name>/``
+    holding the files under the row's ``load_path`` (e.g. ``ctfm_segmentation/models/ctfm_pretrain_demo/`` with
+    the encoder's Hugging Face folder), with their recorded hashes; ``None`` where there is none."""
+    if bundle_root is None or not known.bundle or Path(bundle_root).resolve().name == known.bundle:
+        return None
+    folder = Path(bundle_root).resolve() / "models" / known.name
+    under = Path(known.load_path)
+    files = {Path(rel).relative_to(under): digest for rel, digest in known.files.items() if under in Path(rel).parents}
+    if not files or not all((folder / rel).is_file() for rel in files):
+        return None
+    return folder, {folder / rel: digest for rel, digest in files.items() if digest}
 
 
 def _downloaded_bundles() -> Path:
