@@ -19,9 +19,12 @@ from monai.bundle import ConfigWorkflow
 from safetensors.torch import load_file
 
 from ctfm.bundle import check_overrides, config_ids
-from ctfm.networks import CTFMEmbeddingEncoder
+from ctfm.checkpoint import save_hf_folder, save_state_dict
+from ctfm.networks import CTFMClassifier, CTFMEmbeddingEncoder, CTFMViT, build_encoder
 from ctfm.errors import CTFMError
 from ctfm.weights import fetch
+
+from conftest import tiny_vit_config  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BUNDLES = ROOT / "bundles"
@@ -34,6 +37,7 @@ WORKFLOWS = [
     ("ctfm_pretrain", ["train.json", "train_ctfm.json"], "train"),
     ("ctfm_pretrain", ["train.json", "train_dino.json"], "train"),
     ("ctfm_pretrain", ["train.json", "train_dino.json", "train_dino_vit.json"], "train"),
+    ("ctfm_pretrain", ["train.json", "train_dino.json", "train_dino_vit.json", "recipe_fmct.json"], "train"),
     ("ctfm_segmentation", ["inference.json"], "infer"),
     ("ctfm_segmentation", ["inference.json", "inference_onnx.json"], "infer"),
     ("ctfm_segmentation", ["inference.json", "inference_trt.json"], "infer"),
@@ -54,6 +58,13 @@ WORKFLOWS = [
     ("ctfm_retrieval", ["extract.json", "evaluate.json"], "infer"),
     ("ctfm_retrieval", ["extract.json", "probe.json"], "infer"),
 ]
+#: The ViT overrides (``encoder_vit.json``; no ViT weights ship, so each run names a tiny ViT's weights the test makes).
+VIT_WORKFLOWS = [
+    ("ctfm_triage", ["train.json", "recipe_fmct.json", "encoder_vit.json"], "train"),
+    ("ctfm_triage", ["inference.json", "recipe_fmct.json", "encoder_vit.json"], "infer"),
+    ("ctfm_retrieval", ["extract.json", "encoder_vit.json"], "infer"),
+]
+TINY_VIT = {"vit_hidden_size": 24, "vit_mlp_dim": 32, "vit_num_layers": 1, "vit_num_heads": 2}
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +103,26 @@ def test_check_properties_finds_nothing_missing(workflow, bundle, configs, workf
     assert w.bundle_root == str(BUNDLES / bundle)  # the folder the config was read from
 
 
+@pytest.mark.parametrize("bundle, configs, workflow_type", VIT_WORKFLOWS, ids=lambda v: v if isinstance(v, str) else "+".join(v))
+def test_vit_overrides_pass_check_properties(workflow, tmp_path, bundle, configs, workflow_type):
+    """FM-CT's ViT in place of CT-FM's encoder by one override file, its weights given as a user does."""
+    vit = tiny_vit_config(img_size=[96, 96, 96])
+    encoder = save_hf_folder(build_encoder({**vit, "in_channels": 1}), tmp_path / "vit_hf")  # a DINO export's layout
+    if workflow_type == "train":  # fine-tuning from a one-channel ViT: the stem adapts to the three windows
+        overrides = {"load_pretrain": True, "encoder_weights": str(encoder)}
+    elif bundle == "ctfm_triage":  # a ViT classifier trained by the user
+        overrides = {"ckpt_path": str(save_state_dict(CTFMClassifier(4, {**vit, "in_channels": 3}), tmp_path / "model.pt"))}
+    else:  # a frozen ViT encoder
+        overrides = {"ckpt_path": str(encoder)}
+    w = workflow(bundle, configs, workflow_type, **TINY_VIT, **overrides)
+    assert w.check_properties() == []
+    network = w.parser.get_parsed_content("network_def" if workflow_type == "train" else "network")
+    backbone = network.encoder if bundle == "ctfm_triage" else network
+    assert isinstance(backbone, CTFMViT) and backbone.in_channels == (3 if bundle == "ctfm_triage" else 1)
+
+
 def test_every_config_file_is_covered():
-    covered = {(b, c) for b, configs, _ in WORKFLOWS for c in configs}
+    covered = {(b, c) for b, configs, _ in WORKFLOWS + VIT_WORKFLOWS for c in configs}
     needs_more = {"multi_gpu_train.json", "inference_ctfm_whole_body.json"}  # torchrun / CT-FM's published weights
     for config in BUNDLES.glob("*/configs/*.json"):
         if config.name != "metadata.json" and config.name not in needs_more:
@@ -118,6 +147,21 @@ def test_monai_bundle_load_with_defaults_returns_the_shipped_weights(tmp_path):
         state = network.state_dict()
         assert sorted(state) == sorted(expected)
         assert all(torch.equal(state[k], expected[k]) for k in expected), name
+
+
+@pytest.mark.parametrize("bundle", ["ctfm_segmentation", "ctfm_triage"])
+def test_training_into_a_run_folder_reads_the_encoder_the_bundle_ships(monkeypatch, tmp_path, bundle):
+    """The documented training command (``--bundle_root RUN_DIR``) on a fresh machine (an empty weights cache): the
+    pre-trained encoder comes from the bundle folder the config was read from, not from the run folder."""
+    monkeypatch.setenv("CTFM_WEIGHTS_DIR", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(sys, "excepthook", sys.excepthook)
+    w = ConfigWorkflow(config_file=str(BUNDLES / bundle / "configs" / "train.json"), workflow_type="train", logging_file=False,
+                       bundle_root=str(tmp_path / "run"), cache_rate=0.0, num_workers=0)
+    w.initialize()
+    assert w.check_properties() == []
+    shipped = load_file(str(BUNDLES / bundle / "models" / "ctfm_pretrain_demo" / "model.safetensors"))
+    encoder = w.parser.get_parsed_content("network_def").encoder.state_dict()
+    assert all(torch.equal(encoder[k], v) for k, v in shipped.items() if k in encoder) and "conv_init.weight" in encoder
 
 
 def test_a_copied_bundle_uses_its_own_folder(tmp_path, workflow):

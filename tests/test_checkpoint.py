@@ -151,7 +151,7 @@ def test_hf_config_of_another_architecture(tmp_path, small_encoder):
     with pytest.raises(CheckpointError, match=r"config\.json: architecture differs.*in_channels=4"):
         load_weights(CTFMEncoder(init_filters=4), tmp_path / "hf")
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**small_encoder.config, "norm": "instance"}))
-    with pytest.raises(CheckpointError, match=r"config\.json: not a CT-FM encoder, SegResNetDS or classifier config .*norm"):
+    with pytest.raises(CheckpointError, match=r"config\.json: not a CT-FM encoder, ViT, SegResNetDS or classifier config .*norm"):
         load_encoder(tmp_path / "hf")
 
 

@@ -2,15 +2,27 @@
 ``ctfm.pretrain.ema``, ``ctfm.networks.dino`` and the ViT backbone ``ctfm.networks.vit``."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 
 from ctfm.checkpoint import load_encoder, save_hf_folder
 from ctfm.networks import CTFMEncoder, CTFMViT, DINOHead, DINOModel
 from ctfm.networks.dino import mask_input
-from ctfm.pretrain.dino import DINOLoss, DINOTeacherUpdate, MultiCropViewsd, block_mask, loss_terms, prepare_multicrop
+from ctfm.pretrain.dino import (
+    DINOLoss,
+    DINOStudentUpdate,
+    DINOTeacherUpdate,
+    MultiCropViewsd,
+    block_mask,
+    loss_terms,
+    param_groups,
+    prepare_multicrop,
+)
 from ctfm.pretrain.ema import cosine_schedule, ema_update_, linear_warmup
 
 K = 32
@@ -166,6 +178,71 @@ def test_cnn_encoder_runs_the_recipe_on_its_deepest_map():
     out = model(torch.rand(2, 1, 16, 32, 32), torch.rand(4, 1, 16, 16, 16), masks)
     assert out["student"].shape == (6, K) and out["student_patches"].shape == (2, 4, K)
     assert "student_patches" not in model(torch.rand(2, 1, 16, 32, 32))  # no masks: no patch logits
+
+
+def test_param_groups_leave_biases_and_norms_unregularised():
+    model = DINOModel(CTFMEncoder(init_filters=2), num_prototypes=K, hidden_features=8, bottleneck_features=4)
+    decayed, plain = param_groups(model.student)
+    names = {id(p): n for n, p in model.student.named_parameters()}
+    assert plain["weight_decay"] == 0.0 and "weight_decay" not in decayed
+    assert all(names[id(p)].endswith(".bias") or p.ndim == 1 for p in plain["params"])  # norm weights are 1-d
+    assert all(p.ndim > 1 and not names[id(p)].endswith(".bias") for p in decayed["params"])
+    trainable = [p for p in model.student.parameters() if p.requires_grad]
+    assert len(decayed["params"]) + len(plain["params"]) == len(trainable)  # the fixed weight norm is left out
+    assert not any(p is model.student.head.last_layer.weight_g for p in decayed["params"] + plain["params"])
+
+
+def test_student_update_schedules_weight_decay_clips_and_freezes_the_last_layer():
+    """DINO's step around the trainer's: weight decay on its cosine, the global gradient norm clipped, the head's last
+    layer untouched while frozen (the trainer's events, in MONAI's order: started, backward, optimiser, completed)."""
+    torch.manual_seed(0)
+    model = DINOModel(CTFMEncoder(init_filters=2), num_prototypes=K, hidden_features=8, bottleneck_features=4)
+    loss_fn = DINOLoss(K)
+    optimizer = torch.optim.AdamW(param_groups(model.student), lr=1e-2, weight_decay=0.04)
+    update = DINOStudentUpdate(optimizer, model, total_iterations=4, weight_decay=0.04, weight_decay_end=0.4, clip_grad=1e-3,
+                               freeze_last_layer_iterations=2)
+    seen = []
+
+    def step(engine, _):
+        optimizer.zero_grad()
+        loss_fn(model(torch.rand(2, 1, 16, 32, 32), torch.rand(2, 1, 16, 16, 16))).backward()
+        raw = torch.nn.utils.clip_grad_norm_([p for p in model.student.parameters() if p.grad is not None], math.inf)
+        engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
+        clipped = torch.nn.utils.clip_grad_norm_([p for p in model.student.parameters() if p.grad is not None], math.inf)
+        last = model.student.head.last_layer.weight_v.detach().clone()
+        first = model.student.backbone.conv_init.weight.detach().clone()
+        optimizer.step()
+        seen.append({"raw": float(raw), "clipped": float(clipped), "weight_decay": [g["weight_decay"] for g in optimizer.param_groups],
+                     "last_moved": not torch.equal(last, model.student.head.last_layer.weight_v),
+                     "first_moved": not torch.equal(first, model.student.backbone.conv_init.weight)})
+        return {"loss": torch.tensor(0.0)}
+
+    engine = Engine(step)
+    engine.register_events(*IterationEvents)
+    update.attach(engine)
+    terms = []
+    engine.add_event_handler(Events.ITERATION_COMPLETED, lambda e: terms.append(e.state.output["terms"]))
+    engine.run(range(4), max_epochs=1)
+    assert [s["weight_decay"] for s in seen] == [[pytest.approx(cosine_schedule(i, 4, 0.04, 0.4)), 0.0] for i in range(4)]
+    assert all(s["clipped"] <= 1e-3 * (1 + 1e-4) < s["raw"] for s in seen)
+    assert [t["grad_norm"] for t in terms] == pytest.approx([s["raw"] for s in seen], rel=1e-5)  # logged before clipping
+    assert [s["last_moved"] for s in seen] == [False, False, True, True] and all(s["first_moved"] for s in seen)
+    assert terms[0]["weight_decay"] == pytest.approx(0.04) and terms[0]["learning_rate"] == pytest.approx(1e-2)
+
+
+def test_student_update_acts_only_when_the_optimiser_steps_under_gradient_accumulation():
+    """MONAI's trainer with ``accumulation_steps`` 2 and epochs of 3 steps the optimiser at iterations 2 and 3 (the
+    epoch's last): clipping there only, on the accumulated gradients."""
+    model = DINOModel(CTFMEncoder(init_filters=2), num_prototypes=K, hidden_features=8, bottleneck_features=4)
+    update = DINOStudentUpdate(torch.optim.AdamW(param_groups(model.student)), model, total_iterations=6, clip_grad=1e-6)
+    clipped = []
+    for iteration in (1, 2, 3, 4):
+        for p in model.student.parameters():
+            p.grad = torch.ones_like(p)
+        engine = SimpleNamespace(state=SimpleNamespace(iteration=iteration, epoch_length=3), accumulation_steps=2)
+        update.after_backward(engine)
+        clipped.append(bool(model.student.backbone.conv_init.weight.grad.abs().max() < 1e-3))
+    assert clipped == [False, True, True, False]
 
 
 def test_views_have_the_right_shapes_and_are_repeatable():

@@ -37,7 +37,8 @@ SMALL = {
 }
 TINY_VIT = {"local_size": "[8,16,16]", "vit_patch_size": "[8,8,8]", "vit_hidden_size": 48, "vit_mlp_dim": 64, "vit_num_layers": 2,
             "vit_num_heads": 2, "num_local_crops": 4}
-TERMS = ("train_loss", "dino_loss", "mim_loss", "teacher_entropy", "embedding_std", "momentum", "teacher_temperature")
+TERMS = ("train_loss", "dino_loss", "mim_loss", "teacher_entropy", "embedding_std", "momentum", "teacher_temperature", "grad_norm",
+         "weight_decay", "learning_rate")
 run_bundle = bundle_runner(CONFIGS)
 
 

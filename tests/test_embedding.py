@@ -38,7 +38,7 @@ def test_bundle_inference_writes_embeddings_and_map(tmp_path, small_encoder):
     save_state_dict(small_encoder, tmp_path / "encoder.pt")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE), "--bundle_root", str(tmp_path),
            "--ckpt_path", str(tmp_path / "encoder.pt"), "--init_filters", "4", "--roi_size", "[32,64,64]",
-           "--datalist", "example_ct.nii.gz"]
+           "--datalist", "example_ct_sm.nii.gz"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = load_file(str(tmp_path / "eval" / "example_ct_embedding.safetensors"))
@@ -68,10 +68,10 @@ def test_onnx_runtime_and_tensorrt_overrides_match_torch(tmp_path, small_encoder
         configs = [str(INFERENCE)] + ([str(CONFIGS / f"inference{name}.json")] if name else [])
         cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(tmp_path),
                "--ckpt_path", str(tmp_path / "encoder.pt"), "--init_filters", "4", "--output_dir", str(tmp_path / f"out{name}"),
-               "--datalist", "example_ct.nii.gz"]
+               "--datalist", "example_ct_sm.nii.gz"]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode == 0, proc.stderr[-2000:]
-        outputs[name] = load_file(str(tmp_path / f"out{name}" / "example_ct_embedding.safetensors"))["patch_embeddings"]
+        outputs[name] = load_file(str(tmp_path / f"out{name}" / "example_ct_sm_embedding.safetensors"))["patch_embeddings"]
         if name == "_onnx":
             assert f"ONNX Runtime on {BEST_CPU_PROVIDER}" in proc.stderr + proc.stdout
             assert (tmp_path / "models" / "model_embedding.onnx").is_file()

@@ -5,6 +5,8 @@ from monai.networks.nets.segresnet_ds import SegResEncoder
 from ctfm.embedding import sliding_patch_embeddings
 from ctfm.networks import SIZE_DIVISOR, ContrastiveModel, CTFMEmbeddingEncoder, CTFMEncoder
 
+from conftest import tiny_vit_config  # noqa: E402
+
 
 def test_full_size_matches_ctfm():
     encoder = CTFMEncoder()
@@ -68,3 +70,45 @@ def test_encoders_script_with_torchscript(cls, small_encoder, ct_batch):
     expected, got = network(ct_batch), scripted(ct_batch)
     for e, g in zip(expected if isinstance(expected, list) else [expected], got if isinstance(got, list) else [got]):
         torch.testing.assert_close(g, e)
+
+
+# --- one way to build a backbone (ctfm.networks.backbone) --------------------------------------------------------
+
+TINY_VIT = tiny_vit_config()
+
+
+def test_build_encoder_reads_the_description_of_either_backbone(ct_batch):
+    from ctfm.networks import CTFMEmbeddingViT, CTFMViT, build_encoder, size_divisor
+
+    cnn = build_encoder({"init_filters": 4})
+    assert type(cnn) is CTFMEncoder and cnn.config["init_filters"] == 4 and size_divisor(cnn) == (16, 16, 16)
+    assert type(build_encoder({"init_filters": 4}, "embedding")) is CTFMEmbeddingEncoder
+    assert type(build_encoder()) is CTFMEncoder and build_encoder().embedding_dim == 512  # CT-FM's published size
+    vit = build_encoder(TINY_VIT)
+    assert type(vit) is CTFMViT and vit.config == {**TINY_VIT, "in_channels": 1, "spatial_dims": 3} and size_divisor(vit) == (12, 12, 12)
+    embedder = build_encoder(vit.config, "embedding")  # a config round-trips to the same architecture and keys
+    assert type(embedder) is CTFMEmbeddingViT and embedder.state_dict().keys() == vit.state_dict().keys()
+    embedder.load_state_dict(vit.state_dict())
+    x = torch.rand(2, 1, 24, 36, 48)  # any multiple of the patch size: the position embeddings are resampled
+    assert torch.equal(embedder.eval()(x), vit.eval().embed(x)) and embedder(x).shape == (2, 24)
+    assert size_divisor(lambda x: x) == (16, 16, 16)  # a runtime that does not say: CT-FM's encoder's
+    with pytest.raises(ValueError, match="model_type 'swin'"):
+        build_encoder({"model_type": "swin"})
+    with pytest.raises(ValueError, match="output 'logits'"):
+        build_encoder({}, "logits")
+
+
+def test_patches_and_crops_round_up_to_the_backbones_divisor():
+    from ctfm.embedding import PatchEmbeddingInferer, encoder_patch_size
+    from ctfm.networks import build_encoder
+    from ctfm.retrieval.query import crop_at
+
+    assert encoder_patch_size((24, 128, 128)) == (32, 128, 128)  # CT-FM's 3D-MIR patch on its encoder
+    assert encoder_patch_size((24, 128, 128), 12) == (24, 132, 132) == encoder_patch_size((24, 128, 128), (12, 12, 12))
+    vit = build_encoder(TINY_VIT).eval()
+    volume = torch.rand(1, 1, 30, 40, 50)
+    pred = PatchEmbeddingInferer(patch_size=(20, 30, 30))(volume, vit)  # 24 x 36 x 36 patches of the ViT
+    assert pred.meta["patch_size"].tolist() == [24, 36, 36] and pred.shape[1] == 24
+    ends = pred.meta["patch_starts"] + pred.meta["patch_size"]
+    assert ends.max(0).values.tolist() == [30, 40, 50]  # the far corner is covered, no side overshoots
+    assert crop_at(volume[0], (15, 20, 25), (20, 30, 30), (12, 12, 12)).shape == (1, 1, 24, 36, 36)

@@ -18,7 +18,7 @@ import pytest
 import torch
 from monai.networks.nets import SegResNetDS
 
-from conftest import BEST_CPU_PROVIDER, randomise
+from conftest import BEST_CPU_PROVIDER, randomise, tiny_vit_config
 from ctfm.checkpoint import save_state_dict
 from ctfm.networks import CTFMEncoder
 from ctfm.errors import CTFMError
@@ -230,3 +230,19 @@ def test_smooth_random_patches_are_ct_like():
     assert np.allclose(x.amin(dim=(1, 2, 3, 4)), 0) and np.allclose(x.amax(dim=(1, 2, 3, 4)), 1)
     assert (x[..., 1:] - x[..., :-1]).abs().max() < 0.5  # smooth, unlike white noise
     torch.testing.assert_close(x, smooth_random_patches(2, 1, PATCH, seed=3))
+
+
+def test_a_vit_exports_and_its_runtime_rounds_patches_as_the_torch_vit(tmp_path):
+    """FM-CT's ViT through the same export: the ONNX Runtime module keeps the ViT's size divisor (its patch size), so a
+    sliding window cuts the graph's patch size, and the embeddings agree with PyTorch's."""
+    from ctfm.embedding import PatchEmbeddingInferer, encoder_patch_size
+    from ctfm.networks import build_encoder, size_divisor
+
+    vit = randomise(build_encoder(tiny_vit_config(), "embedding"))
+    patch = encoder_patch_size((20, 30, 30), size_divisor(vit))
+    runtime = onnx_runtime_network(vit, tmp_path / "vit.onnx", patch, output="embedding")
+    assert patch == (24, 36, 36) and size_divisor(runtime) == (12, 12, 12)
+    volume = torch.rand(1, 1, 30, 40, 50, generator=torch.Generator().manual_seed(0))
+    expected, got = PatchEmbeddingInferer((20, 30, 30))(volume, vit), PatchEmbeddingInferer((20, 30, 30))(volume, runtime)
+    assert got.shape == expected.shape == (8, 24) and torch.equal(got.meta["patch_starts"], expected.meta["patch_starts"])
+    torch.testing.assert_close(got.as_tensor(), expected.as_tensor(), atol=ATOL, rtol=0)

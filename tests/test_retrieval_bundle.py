@@ -17,6 +17,7 @@ from ctfm.phantom import body_phantom, write_phantom_nifti
 from ctfm.sample_data import sample_path
 
 from bundle_runs import ENV, bundle_runner, error_line  # noqa: E402
+from conftest import body_phantoms  # noqa: E402
 from test_retrieval import MIR_HEADER, write_organmnist  # noqa: E402
 
 BUNDLE = Path(__file__).resolve().parents[1] / "bundles" / "ctfm_retrieval"
@@ -151,11 +152,7 @@ def test_torchrun_shards_then_merges_once(bundle, cts, tmp_path):
 
 def test_probe_compares_with_a_random_encoder(bundle, tmp_path):
     """probe.json on two body phantoms with their label maps (the sample-CT run is committed under eval/probe/)."""
-    items = []
-    for i in range(2):
-        image, label = tmp_path / f"body_{i}.nii.gz", tmp_path / f"body_{i}_labels.nii.gz"
-        write_phantom_nifti(image, label, body_phantom(shape=(48, 48, 24), seed=i))
-        items.append({"image": str(image), "label": str(label)})
+    items = body_phantoms(tmp_path)
     run = bundle_runner(bundle / "configs")
     run(["extract.json", "probe.json"], cwd="/", probe_data=json.dumps(items), dataset_dir=tmp_path, crops_per_organ=3,
         organs="['liver','spleen','aorta']", search_structures="['heart','liver','spleen']", crop_size="[16,32,32]",

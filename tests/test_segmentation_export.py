@@ -24,12 +24,12 @@ def segment(tmp_path: Path, override: str | None) -> tuple[np.ndarray, str]:
     configs = [str(CONFIGS / "inference.json")] + ([str(CONFIGS / override)] if override else [])
     out = tmp_path / (override or "torch")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", json.dumps(configs), "--bundle_root", str(BUNDLE),
-           "--output_dir", str(out), "--datalist", "example_ct.nii.gz", "--write_preview", "False"]
+           "--output_dir", str(out), "--datalist", "example_ct_sm.nii.gz", "--write_preview", "False"]
     if override == "inference_onnx.json":  # only that override defines onnx_path: elsewhere it is an unknown id
         cmd += ["--onnx_path", str(tmp_path / "model_logits.onnx")]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return np.asanyarray(nib.load(out / "example_ct_seg.nii.gz").dataobj), proc.stdout + proc.stderr
+    return np.asanyarray(nib.load(out / "example_ct_sm_seg.nii.gz").dataobj), proc.stdout + proc.stderr
 
 
 def test_onnx_runtime_and_tensorrt_give_the_torch_label_map(tmp_path):

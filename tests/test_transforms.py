@@ -7,7 +7,7 @@ from monai.data import MetaTensor
 from monai.transforms import Invertd
 
 from ctfm.phantom import BODY_LABELS, body_phantom, head_phantom
-from ctfm.transforms import HEAD_CT_WINDOWS, CTFMPreprocessd, HUWindowsd, ScaleHUd
+from ctfm.transforms import FMCT_HEAD_WINDOWS, HEAD_CT_WINDOWS, CTFMPreprocessd, HUWindowsd, ScaleHUd
 
 
 def as_dict(phantom) -> dict:
@@ -57,6 +57,17 @@ def test_label_maps_back_to_original_space_exactly():
     back = Invertd("pred", transform=preprocess, orig_keys="label", nearest_interp=True)(out)["pred"]
     assert back.shape == (1, 40, 36, 18)
     np.testing.assert_array_equal(back[0].numpy(), phantom.labels.astype(np.float32))
+
+
+def test_fmct_head_ct_preprocessing_is_ras_at_1_mm_with_three_window_channels():
+    """ctfm_pretrain's recipe_fmct.json: FM-CT's orientation, spacing and windows through the same transform."""
+    phantom = head_phantom(shape=(32, 32, 24), spacing=(6.0, 6.0, 6.0), seed=0)
+    out = CTFMPreprocessd("image", spacing=(2.0, 2.0, 2.0), windows=FMCT_HEAD_WINDOWS, orientation="RAS")(as_dict(phantom))["image"]
+    # RAS: voxel axes 0, 1, 2 run towards +x, +y, +z of the RAS world (as the SPL test above reads its axes)
+    np.testing.assert_allclose(out.affine[:3, :3].numpy(), np.diag([2.0, 2.0, 2.0]), atol=1e-5)
+    assert out.shape[0] == 3 and float(out.min()) >= 0 and float(out.max()) <= 1
+    spl = CTFMPreprocessd("image", spacing=(2.0, 2.0, 2.0), windows=FMCT_HEAD_WINDOWS)(as_dict(phantom))["image"]
+    assert sorted(spl.shape[1:]) == sorted(out.shape[1:]) and tuple(spl.shape[1:]) != tuple(out.shape[1:])  # same voxels, other axes
 
 
 def test_head_ct_windows_stack_as_channels():

@@ -12,14 +12,16 @@ from monai.data import MetaTensor
 from ctfm.checkpoint import CheckpointError, save_hf_folder
 from ctfm.embedding_store import EmbeddingStore, extract_embeddings
 from ctfm.errors import CTFMError
-from ctfm.networks import CTFMClassifier, CTFMEncoder
+from ctfm.networks import CTFMClassifier, CTFMEncoder, build_encoder
 from ctfm.networks.encoder import adapt_input_conv
 from ctfm.phantom import head_phantom
 from ctfm.transforms import FMCT_HEAD_WINDOWS, HEAD_CT_WINDOWS, CheckHeadCTd, HeadCTGridd, HUWindowsd
 from ctfm.triage.datasets import label_fraction_indices
 from ctfm.triage.probe import few_shot, fit_linear_probe, label_efficiency, mean_auroc
-from ctfm.triage.saliency import fold_windows, gradcam
+from ctfm.triage.saliency import fold_windows, gradcam, gradcam_layer
 from ctfm.weights import init_encoder, load
+
+from conftest import randomise, tiny_vit_config  # noqa: E402
 
 
 def as_meta(phantom):
@@ -30,10 +32,10 @@ def as_meta(phantom):
 
 
 def test_ctfm_head_and_linear_head():
-    mlp = CTFMClassifier(3, init_filters=4)
+    mlp = CTFMClassifier(3, {"init_filters": 4})
     assert [type(m).__name__ for m in mlp.head] == ["Linear", "ReLU", "Linear"]
     assert (mlp.head[0].in_features, mlp.head[0].out_features, mlp.head[2].out_features) == (64, 256, 3)
-    linear = CTFMClassifier(3, init_filters=4, head="linear")
+    linear = CTFMClassifier(3, {"init_filters": 4}, head="linear")
     assert [type(m).__name__ for m in linear.head] == ["Linear"]
     x = torch.rand(2, 1, 16, 32, 32)
     assert mlp(x).shape == linear(x).shape == (2, 3)
@@ -61,19 +63,38 @@ def test_fine_tuning_a_three_window_classifier_from_a_one_channel_encoder(tmp_pa
     torch.manual_seed(0)
     encoder = CTFMEncoder(init_filters=4).eval()
     save_hf_folder(encoder, tmp_path / "encoder_hf")
-    net = init_encoder(CTFMClassifier(2, init_filters=4, in_channels=3), tmp_path / "encoder_hf").eval()
+    net = init_encoder(CTFMClassifier(2, {"init_filters": 4, "in_channels": 3}), tmp_path / "encoder_hf").eval()
     x = torch.rand(1, 1, 16, 32, 32)
     torch.testing.assert_close(net.embed(x.repeat(1, 3, 1, 1, 1)), encoder.embed(x), rtol=1e-5, atol=1e-6)
-    torch.save(CTFMClassifier(2, init_filters=4).state_dict(), tmp_path / "one_channel.pt")
+    torch.save(CTFMClassifier(2, {"init_filters": 4}).state_dict(), tmp_path / "one_channel.pt")
     with pytest.raises(CheckpointError, match="differ in shape"):
-        load(CTFMClassifier(2, init_filters=4, in_channels=3), tmp_path / "one_channel.pt")
+        load(CTFMClassifier(2, {"init_filters": 4, "in_channels": 3}), tmp_path / "one_channel.pt")
+
+
+def test_vit_classifier_adapts_the_patch_embedding_and_reads_saliency_off_the_token_map(tmp_path):
+    """FM-CT's backbone under the same classifier: a one-channel ViT initialises a three-window one (the patch-embedding
+    convolution adapts like the CNN's first convolution), and Grad-CAM reads the ViT's token map."""
+    vit = tiny_vit_config(patch_size=[8, 8, 8])
+    torch.manual_seed(0)
+    one = randomise(build_encoder(vit))
+    save_hf_folder(one, tmp_path / "vit_hf")
+    net = init_encoder(CTFMClassifier(2, {**vit, "in_channels": 3}), tmp_path / "vit_hf").eval()
+    x = torch.rand(1, 1, 24, 32, 40)
+    torch.testing.assert_close(net.embed(x.repeat(1, 3, 1, 1, 1)), one.embed(x), rtol=1e-5, atol=1e-5)
+    assert gradcam_layer(net) == "encoder.token_map"
+    heat = gradcam(net, x.repeat(1, 3, 1, 1, 1)[0], 1)
+    assert heat.shape == (24, 32, 40) and heat.max() > heat.min()
+    config = json.loads((save_hf_folder(net, tmp_path / "classifier_hf") / "config.json").read_text())
+    assert config["model_type"] == "ctfm_vit" and config["in_channels"] == 3 and config["num_classes"] == 2
+    again = load(CTFMClassifier(2, {**vit, "in_channels": 3}), tmp_path / "classifier_hf")
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
 
 
 def test_classifier_round_trips_through_a_hugging_face_folder(tmp_path):
-    net = CTFMClassifier(4, init_filters=4, head="linear")
+    net = CTFMClassifier(4, {"init_filters": 4}, head="linear")
     save_hf_folder(net, tmp_path / "hf")
     assert json.loads((tmp_path / "hf" / "config.json").read_text())["num_classes"] == 4
-    again = load(CTFMClassifier(4, init_filters=4, head="linear"), tmp_path / "hf")
+    again = load(CTFMClassifier(4, {"init_filters": 4}, head="linear"), tmp_path / "hf")
     for a, b in zip(net.state_dict().values(), again.state_dict().values()):
         torch.testing.assert_close(a, b)
 
@@ -189,7 +210,7 @@ def test_fold_windows_averages_the_stacked_segments():
 
 def test_gradcam_is_a_map_in_unit_range_on_the_input_grid():
     torch.manual_seed(0)
-    heat = gradcam(CTFMClassifier(2, init_filters=4), torch.rand(1, 32, 32, 32), 1)
+    heat = gradcam(CTFMClassifier(2, {"init_filters": 4}), torch.rand(1, 32, 32, 32), 1)
     assert heat.shape == (32, 32, 32) and 0.0 <= heat.min() and heat.max() <= 1.0 and heat.max() > heat.min()
 
 
@@ -197,7 +218,7 @@ def test_write_triaged_writes_json_csv_and_saliency_and_keeps_inputs_apart(tmp_p
     from ctfm.triage.outputs import WriteTriaged
 
     torch.manual_seed(0)
-    net = CTFMClassifier(2, init_filters=4)
+    net = CTFMClassifier(2, {"init_filters": 4})
     writer = WriteTriaged(findings=["a", "b"], output_dir=tmp_path / "out", data_root_dir=tmp_path, saliency_network=net,
                           window_stack="S", n_windows=2)
     image = MetaTensor(torch.rand(1, 32, 32, 32), affine=torch.eye(4))

@@ -3,7 +3,8 @@
 Where things are (importing :mod:`ctfm` imports none of them and changes nothing in the host process):
 
 Shared by every bundle
-    - :mod:`ctfm.networks` -- the one encoder definition and every network built on it (no file I/O).
+    - :mod:`ctfm.networks` -- the backbones (CT-FM's encoder, FM-CT's ViT), each defined once and built from its
+      description, and every network built on them (no file I/O).
     - :mod:`ctfm.checkpoint` -- reading and writing every checkpoint layout (HF folders, Lightning, state dicts).
     - :mod:`ctfm.weights` -- the table of known weights (published CT-FM and shipped demo weights) and their hashes.
     - :mod:`ctfm.ct_io` -- reading and checking one CT (NIfTI / NRRD / MetaImage / DICOM series).
@@ -32,6 +33,6 @@ Axis convention, stated once: a volume read from disk is ``(X, Y, Z)`` in ITK's 
 :data:`ctfm.transforms.AXIS_LABELS`). Shapes in docstrings are ``(B, C, S, P, L)`` for network input.
 """
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
 
 __all__ = ["__version__"]

@@ -30,6 +30,7 @@ from torch import nn
 
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path, sha256sum
+from ctfm.networks.backbone import build_encoder
 from ctfm.networks.encoder import CTFM_BLOCKS_DOWN, STEM_WEIGHT, CTFMEncoder, adapt_input_conv
 from ctfm.networks.vit import VIT_MODEL_TYPE, CTFMViT
 
@@ -170,9 +171,10 @@ def _fit(
             f"{path}: no key fits {type(module).__name__} (checkpoint keys look like {sorted(state)[:3]}); "
             "a different architecture?"
         )
-    stem, wanted = inside.get(STEM_WEIGHT), target.get(STEM_WEIGHT)
+    stem_key = getattr(module, "stem_weight", STEM_WEIGHT)
+    stem, wanted = inside.get(stem_key), target.get(stem_key)
     if adapt_stem and stem is not None and wanted is not None and stem.shape[1] != wanted.shape[1] and stem.shape[2:] == wanted.shape[2:]:
-        inside[STEM_WEIGHT] = adapt_input_conv(stem, wanted.shape[1])
+        inside[stem_key] = adapt_input_conv(stem, wanted.shape[1])
         logger.info("%s: first convolution adapted from %d to %d input channels", path, stem.shape[1], wanted.shape[1])
     bad = [f"{k} {tuple(inside[k].shape)} vs {tuple(target[k].shape)}" for k in report.matched if inside[k].shape != target[k].shape]
     if bad:
@@ -190,10 +192,11 @@ def _fit(
 
 
 def load_encoder(path: str | os.PathLike, sha256: str | None = None) -> tuple[CTFMEncoder | CTFMViT, LoadReport]:
-    """Build a :class:`CTFMEncoder` of the checkpoint's size and load it: an encoder alone, or the encoder of a
-    segmentation network or pre-training checkpoint, in any layout of this module (files read once). A Hugging
-    Face folder whose ``config.json`` has ``"model_type": "ctfm_vit"`` builds a :class:`~ctfm.networks.CTFMViT`
-    instead (a ViT loads from its folder only: its heads and input size are not in the weights).
+    """Build the backbone of the checkpoint's size and load it: an encoder alone, or the encoder of a
+    segmentation network, classifier or pre-training checkpoint, in any layout of this module (files read once).
+    A Hugging Face folder's ``config.json`` names the backbone (:func:`ctfm.networks.build_encoder`): no
+    ``model_type`` is a :class:`CTFMEncoder`, ``"ctfm_vit"`` a :class:`~ctfm.networks.CTFMViT` (a ViT loads from its
+    folder only: its heads and input size are not in the weights); other files hold a :class:`CTFMEncoder`.
 
     Raises:
         CheckpointError: as :func:`load_weights`; also a checkpoint without an encoder.
@@ -204,20 +207,19 @@ def load_encoder(path: str | os.PathLike, sha256: str | None = None) -> tuple[CT
     state, layout = read_state_dict(path)
     if path.is_dir() and (path / HF_CONFIG).is_file():
         config = _read_hf_config(path)
-        if config.get("model_type") == VIT_MODEL_TYPE:
-            vit = CTFMViT(**{k: v for k, v in config.items() if k != "model_type"})
-            return vit, _fit(vit, state, layout, path, strict=True)
-        config = {k: v for k, v in config.items() if k in ENCODER_CONFIG_KEYS}
+        keys = VIT_CONFIG_KEYS if config.get("model_type") == VIT_MODEL_TYPE else ENCODER_CONFIG_KEYS
+        config = {k: v for k, v in config.items() if k in keys}
     else:
         config = _infer_encoder_config(path, state)
-    encoder = CTFMEncoder(**config)
+    encoder = build_encoder(config)
     return encoder, _fit(encoder, state, layout, path, strict=True)
 
 
 def save_hf_folder(network: nn.Module, folder: str | os.PathLike) -> Path:
-    """Write ``config.json`` (``network.config``: its constructor arguments) + ``model.safetensors``, atomically:
-    the layout ``PyTorchModelHubMixin`` writes and CT-FM publishes (``ct_fm_feature_extractor`` for a
-    :class:`~ctfm.networks.CTFMEncoder`, ``whole_body_segmentation`` for a :class:`~ctfm.networks.CTFMSegResNetDS`)."""
+    """Write ``config.json`` (``network.config``: its arguments, flat; a classifier's are its backbone's description
+    plus the head's) + ``model.safetensors``, atomically: the layout ``PyTorchModelHubMixin`` writes and CT-FM
+    publishes (``ct_fm_feature_extractor`` for a :class:`~ctfm.networks.CTFMEncoder`, ``whole_body_segmentation`` for
+    a :class:`~ctfm.networks.CTFMSegResNetDS`)."""
     with atomic_path(folder, is_dir=True) as tmp:
         (tmp / HF_CONFIG).write_text(json.dumps(network.config, indent=2, sort_keys=True) + "\n")
         save_file({k: v.detach().cpu().contiguous() for k, v in network.state_dict().items()}, str(tmp / HF_WEIGHTS))
@@ -252,10 +254,10 @@ def _read_hf_config(folder: Path) -> dict:
     defaults = {"act": "relu", "norm": "batch", "head_module": None, "anisotropic_scales": None, "upsample_mode": "deconv"}
     known = {*ENCODER_CONFIG_KEYS, *SEGMENTATION_CONFIG_KEYS, *CLASSIFIER_CONFIG_KEYS}
     if config.get("model_type") == VIT_MODEL_TYPE:
-        known = set(VIT_CONFIG_KEYS)
+        known = {*VIT_CONFIG_KEYS, *CLASSIFIER_CONFIG_KEYS}
     other = {k: v for k, v in config.items() if k not in known and defaults.get(k, "?") != v}
     if other:
-        raise CheckpointError(f"{folder / HF_CONFIG}: not a CT-FM encoder, SegResNetDS or classifier config (unsupported settings {other})")
+        raise CheckpointError(f"{folder / HF_CONFIG}: not a CT-FM encoder, ViT, SegResNetDS or classifier config (unsupported settings {other})")
     return {k: v for k, v in config.items() if k in known}
 
 

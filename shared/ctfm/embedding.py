@@ -1,8 +1,10 @@
 """Whole-CT embeddings from any encoder runtime: patch embeddings by sliding window, saved with a PNG map.
 
-The network may be the torch :class:`~ctfm.networks.CTFMEncoder` (five feature maps), an ONNX Runtime module
-exported with ``output="embedding"`` (``(B, D)``) or ``"features"`` (maps), or a TensorRT-compiled encoder:
-:func:`pooled` turns each output into ``(B, D)``, so one inferer serves every runtime.
+The network may be any backbone of :mod:`ctfm.networks.backbone` (CT-FM's encoder: five feature maps; FM-CT's ViT:
+the token map), an ONNX Runtime module exported with ``output="embedding"`` (``(B, D)``) or ``"features"`` (maps), or
+a TensorRT-compiled encoder: :func:`pooled` turns each output into ``(B, D)``, so one inferer serves every runtime.
+Patch sides are rounded up to the backbone's ``size_divisor`` (:func:`encoder_patch_size`; 16 for CT-FM's encoder
+and for a runtime that does not say, the patch size for the ViT).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from safetensors.torch import save_file
 from ctfm.datalist import OutputGuard, output_stem
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
+from ctfm.networks.backbone import size_divisor
 from ctfm.networks.encoder import SIZE_DIVISOR
 from ctfm.preview import write_embedding_map
 
@@ -37,10 +40,14 @@ def pooled(output: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
     return deepest if deepest.ndim == 2 else deepest.mean(dim=tuple(range(2, deepest.ndim)))
 
 
-def encoder_patch_size(patch_size: Sequence[int]) -> tuple[int, ...]:
-    """``patch_size`` with each side rounded up to a multiple of 16, the encoder's size divisor (CT-FM's 3D-MIR
-    patch 24x128x128 runs as 32x128x128)."""
-    return tuple(-(-int(p) // SIZE_DIVISOR) * SIZE_DIVISOR for p in patch_size)
+def encoder_patch_size(patch_size: Sequence[int], divisor: Sequence[int] | int = SIZE_DIVISOR) -> tuple[int, ...]:
+    """``patch_size`` with each side rounded up to a multiple of the backbone's ``divisor`` (per axis or one for all;
+    default CT-FM's encoder's 16: its 3D-MIR patch 24x128x128 runs as 32x128x128; a ViT of patch 12 runs it as
+    24x132x132)."""
+    divisors = [int(d) for d in divisor] if isinstance(divisor, (list, tuple)) else [int(divisor)] * len(patch_size)
+    if len(divisors) != len(patch_size):
+        raise ValueError(f"size divisor {divisor} does not match the patch {tuple(patch_size)}")
+    return tuple(-(-int(p) // d) * d for p, d in zip(patch_size, divisors))
 
 
 def patch_grid(spatial_shape: Sequence[int], patch_size: Sequence[int], overlap: float) -> list[tuple[slice, ...]]:
@@ -57,20 +64,22 @@ def sliding_patch_embeddings(
     patch_size: Sequence[int] = (24, 128, 128),
     overlap: float = 0.0,
     batch_size: int = 4,
+    divisor: Sequence[int] | int = SIZE_DIVISOR,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Embed a whole CT patch by patch, as CT-FM's retrieval recipe does.
 
     Args:
         embed: ``(B, C, *patch) -> (B, D)``.
         volume: one preprocessed CT ``(C, S, P, L)``; padded with its minimum up to at least one patch.
-        patch_size: patch extent in voxels; each side is rounded up to a multiple of 16 for the encoder.
+        patch_size: patch extent in voxels; each side is rounded up to a multiple of ``divisor``.
         overlap: fraction of a patch shared with its neighbour, in [0, 1).
         batch_size: patches per forward pass.
+        divisor: the backbone's ``size_divisor`` (:func:`ctfm.networks.size_divisor`).
 
     Returns:
         ``(embeddings, starts)``: ``(P, D)`` float32 and ``(P, 3)`` int64 voxel index of each patch's first corner.
     """
-    patch = encoder_patch_size(patch_size)
+    patch = encoder_patch_size(patch_size, divisor)
     pad = [max(p - s, 0) for p, s in zip(patch, volume.shape[1:])]
     if any(pad):
         volume = torch.nn.functional.pad(volume, [v for d in reversed(pad) for v in (0, d)], value=float(volume.min()))
@@ -86,8 +95,8 @@ def sliding_patch_embeddings(
 class PatchEmbeddingInferer(Inferer):
     """``inputs (1, C, S, P, L) -> pred (P, D)`` patch embeddings; ``pred.meta`` holds their starts and size.
 
-    ``network`` is any encoder runtime (see the module docstring); the CT-level embedding is the mean over
-    patches (:class:`SaveEmbeddingd` writes both).
+    ``network`` is any encoder runtime (see the module docstring), whose ``size_divisor`` the patch sides are
+    rounded up to; the CT-level embedding is the mean over patches (:class:`SaveEmbeddingd` writes both).
     """
 
     def __init__(self, patch_size: Sequence[int] = (24, 128, 128), overlap: float = 0.0, batch_size: int = 4):
@@ -101,11 +110,12 @@ class PatchEmbeddingInferer(Inferer):
             raise ValueError(f"PatchEmbeddingInferer embeds one CT at a time, got a batch of {inputs.shape[0]}")
         device = next((p.device for p in network.parameters()), inputs.device) if isinstance(network, torch.nn.Module) else inputs.device
         volume = torch.as_tensor(inputs[0])
+        divisor = size_divisor(network, volume.ndim - 1)
         embeddings, starts = sliding_patch_embeddings(
-            lambda x: pooled(network(x.to(device))), volume, self.patch_size, self.overlap, self.batch_size
+            lambda x: pooled(network(x.to(device))), volume, self.patch_size, self.overlap, self.batch_size, divisor
         )
         meta = dict(inputs.meta) if isinstance(inputs, MetaTensor) else {}
-        meta.update({PATCH_STARTS: starts, PATCH_SIZE: torch.tensor(encoder_patch_size(self.patch_size))})
+        meta.update({PATCH_STARTS: starts, PATCH_SIZE: torch.tensor(encoder_patch_size(self.patch_size, divisor))})
         return MetaTensor(embeddings, meta=meta)
 
 

@@ -46,6 +46,7 @@ from torch import nn
 
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path, sha256sum
+from ctfm.networks.backbone import size_divisor
 
 __all__ = [
     "FP32_RELATIVE_TOLERANCE",
@@ -101,10 +102,12 @@ def export_onnx(
     """Write ``module`` as an ONNX graph with input ``image`` ``(batch, in_channels, *patch_size)``, atomically.
 
     Args:
-        module: a :class:`~ctfm.networks.CTFMEncoder` for ``embedding``/``features``; any network returning one
-            tensor for ``logits`` (e.g. MONAI ``SegResNetDS``, which returns one tensor in eval mode).
+        module: a backbone (:class:`~ctfm.networks.CTFMEncoder` or :class:`~ctfm.networks.CTFMViT`) for
+            ``embedding``, CT-FM's encoder for ``features``; any network returning one tensor for ``logits`` (e.g.
+            MONAI ``SegResNetDS``, which returns one tensor in eval mode).
         path: the ``.onnx`` file; nothing is left there if export fails.
-        patch_size: spatial ``(D, H, W)`` in voxels, fixed in the graph (multiples of 16 for the encoder).
+        patch_size: spatial ``(D, H, W)`` in voxels, fixed in the graph (multiples of the backbone's
+            ``size_divisor``: 16 for CT-FM's encoder, the patch size for the ViT).
         in_channels: input channels.
         output: ``embedding`` -> output ``embedding`` ``(batch, embedding_dim)``; ``features`` -> outputs
             ``features_0`` .. ``features_4``, ``(batch, init_filters * 2**i, *patch_size / 2**i)``; ``logits``
@@ -230,11 +233,15 @@ class OnnxRuntimeModule(nn.Module):
     ``forward(x)`` takes a ``(B, C, D, H, W)`` tensor of the exported patch size on any device and returns
     float32 tensors on that device: one tensor for a single-output graph (embedding, logits), else a list in
     the graph's output order (the five feature maps, shallow to deep). Data goes through host memory.
+    ``size_divisor``: that of the backbone the graph was exported from (:func:`ctfm.networks.size_divisor`), so
+    that a sliding window rounds its patches to the graph's size as it would for the torch module.
     """
 
-    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None):
+    def __init__(self, path: str | os.PathLike, providers: Sequence[str] | None = None, threads: int | None = None,
+                 size_divisor: Sequence[int] | None = None):
         super().__init__()
         self.path = Path(path)
+        self.size_divisor = None if size_divisor is None else tuple(int(d) for d in size_divisor)
         self.session = ort_session(path, providers, threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
 
@@ -278,7 +285,7 @@ def onnx_runtime_network(
         if digest is not None:
             with atomic_path(record) as tmp:
                 tmp.write_text(digest + "\n")
-    return OnnxRuntimeModule(path, providers, threads)
+    return OnnxRuntimeModule(path, providers, threads, size_divisor(module))
 
 
 def weights_digest(weights: str | os.PathLike | None) -> str | None:
@@ -433,7 +440,9 @@ def _output_graph(module: nn.Module, output: str) -> nn.Module:
     if output not in OUTPUT_KINDS:
         raise CTFMError(f"output '{output}' is not one of {', '.join(OUTPUT_KINDS)}")
     if output != "logits" and not hasattr(module, "feature_maps"):
-        raise CTFMError(f"output '{output}' needs a CTFMEncoder, got {type(module).__name__}")
+        raise CTFMError(f"output '{output}' needs a backbone (CTFMEncoder, CTFMViT), got {type(module).__name__}")
+    if output == "features" and not hasattr(module, "blocks_down"):
+        raise CTFMError(f"output 'features' (five maps) needs CT-FM's encoder, got {type(module).__name__}; export 'embedding'")
     wrapper = {"embedding": _Embedding, "features": _FeatureMaps, "logits": _SingleOutput}[output](module)
     wrapper.training = False  # not .eval(): that would switch ``module`` too; callers manage its mode
     return wrapper
@@ -483,12 +492,15 @@ def _onnx_command(
     opset: int = 17,
     check: bool = False,
 ) -> None:
-    """Export CT-FM encoder weights (HF folder or any checkpoint :mod:`ctfm.checkpoint` reads) to ONNX."""
+    """Export encoder weights (HF folder or any checkpoint :mod:`ctfm.checkpoint` reads; CT-FM's encoder or FM-CT's
+    ViT) to ONNX; ``patch_size`` is rounded up to the encoder's size divisor."""
     from ctfm.checkpoint import load_encoder
+    from ctfm.embedding import encoder_patch_size
 
     encoder, report = load_encoder(weights)
     print(report.summary())
     patch_size = tuple(int(s) for s in patch_size) if isinstance(patch_size, (tuple, list)) else (int(patch_size),) * 3
+    patch_size = encoder_patch_size(patch_size, size_divisor(encoder))
     export_onnx(encoder, out, patch_size, encoder.in_channels, output, opset)
     shape = ", ".join(map(str, (encoder.in_channels, *patch_size)))
     print(f"wrote {out}: input {INPUT_NAME} (batch, {shape}), output {output}")

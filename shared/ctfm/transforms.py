@@ -106,7 +106,7 @@ class HUWindowsd(MapTransform):
 class CTFMPreprocessd(Compose):
     """CT-FM preprocessing for an image already loaded as ``(1, X, Y, Z)`` HU, with optional label keys.
 
-    Orientation SPL -> [resample to ``spacing`` mm] -> [crop to HU > 0 foreground] -> pad to ``min_size``
+    Orientation (SPL) -> [resample to ``spacing`` mm] -> [crop to HU > 0 foreground] -> pad to ``min_size``
     voxels with -1024 HU (labels with 0) -> scale HU to [0, 1] (or stack ``windows``). Every step is
     invertible, so ``Invertd`` maps predictions back to the input's space.
 
@@ -117,6 +117,8 @@ class CTFMPreprocessd(Compose):
         crop_foreground: crop to the bounding box of voxels above 0 HU in the first image key.
         min_size: pad each spatial axis to at least this many voxels (e.g. the training crop size).
         windows: ``(low, high)`` HU windows to stack as channels instead of the single [-1024, 2048] scaling.
+        orientation: axis codes in :data:`AXIS_LABELS`' sense: CT-FM's ``"SPL"``; FM-CT's head CT ``"RAS"`` (with
+            1 mm spacing and :data:`FMCT_HEAD_WINDOWS`).
     """
 
     def __init__(
@@ -127,11 +129,12 @@ class CTFMPreprocessd(Compose):
         crop_foreground: bool = True,
         min_size: Sequence[int] | None = None,
         windows: Sequence[Sequence[float]] | None = None,
+        orientation: str = ORIENTATION,
     ):
         images = [keys] if isinstance(keys, str) else list(keys)
         labels = [label_keys] if isinstance(label_keys, str) else list(label_keys)
         both = images + labels
-        steps = [Orientationd(both, axcodes=ORIENTATION, labels=AXIS_LABELS)]
+        steps = [Orientationd(both, axcodes=orientation, labels=AXIS_LABELS)]
         if spacing is not None:
             modes = ["bilinear"] * len(images) + ["nearest"] * len(labels)
             steps.append(Spacingd(both, pixdim=tuple(spacing), mode=modes, padding_mode="border"))

@@ -167,7 +167,7 @@ WEIGHTS: dict[str, KnownWeights] = {
         KnownWeights(
             name="ctfm_triage_demo",
             network="classifier",
-            arguments={**_ENCODER_ARGS, "init_filters": 8, "num_classes": 4, "head": "mlp"},
+            arguments={"num_classes": 4, "encoder": {**_ENCODER_ARGS, "init_filters": 8}, "head": "mlp"},
             files={"models/model.pt": "8b09d0f56af0c7475ad614181c0117d67f821d556d950bb75eed2cb523661673"},
             load_path="models/model.pt",
             url=None,
@@ -200,6 +200,8 @@ def resolve(source: str | os.PathLike, bundle_root: str | os.PathLike | None = N
     name to ``<bundle_root>/models/<name>/`` (where the bundle's ``large_files.yml`` puts it) or its cache folder;
     a shipped name also to its bundle as ``monai.bundle download`` placed it. A path is taken as it is; when it lies in a bundle folder of the table (a
     ``configs/metadata.json`` above it and that bundle's shipped files under it), those files' hashes apply.
+    Configs resolve ``encoder_weights`` with the folder the config was read from (``ctfm.bundle.bundle_root()``), not
+    ``@bundle_root``: a run folder given as ``--bundle_root`` holds none of the bundle's shipped files.
 
     Raises:
         CTFMError: a name whose files are not on this machine (the message says how to fetch them).
@@ -257,15 +259,20 @@ def check_files(expected: Mapping[Path, str]) -> None:
             raise CheckpointError(f"{path}: sha256 {actual} differs from the recorded {digest}: damaged or replaced weights")
 
 
-def load(network: nn.Module, source: str | os.PathLike, bundle_root: str | os.PathLike | None = None) -> nn.Module:
+def load(network: nn.Module, source: str | os.PathLike, bundle_root: str | os.PathLike | None = None,
+         adapt_stem: bool = False) -> nn.Module:
     """``network`` with every weight of ``source`` (a table name or a path) loaded, after the hash check.
+
+    ``adapt_stem``: a first layer of other input channels initialises ``network``'s
+    (:func:`~ctfm.networks.encoder.adapt_input_conv`), e.g. continuing CT-FM's one-channel pre-training with FM-CT's
+    three HU windows as channels; every other weight is still required.
 
     Raises:
         CheckpointError: unreadable or damaged file, a key of ``network`` missing, shapes that differ.
     """
     path, expected = resolve(source, bundle_root)
     check_files(expected)
-    report = load_weights(network, path, strict=True)
+    report = load_weights(network, path, strict=True, adapt_stem=adapt_stem)
     logger.info("network weights: %s", report.summary())
     return network
 

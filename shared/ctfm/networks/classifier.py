@@ -1,23 +1,24 @@
-"""Per-finding classification on the CT-FM encoder (``ctfm_triage``): ``(B, C, D, H, W) -> (B, num_classes)`` logits.
+"""Per-finding classification on a backbone of the zoo (``ctfm_triage``): ``(B, C, D, H, W) -> (B, num_classes)`` logits.
 
-Two heads on the global average of the encoder's deepest map (``embedding_dim`` = ``init_filters * 16``):
+Two heads on the backbone's pooled embedding (``embedding_dim``: ``init_filters * 16`` for CT-FM's encoder,
+``hidden_size`` for FM-CT's ViT):
 
 - ``"mlp"``: CT-FM's triage head, ``Linear(D, 256) -> ReLU -> Linear(256, num_classes)``;
 - ``"linear"``: ``Linear(D, num_classes)``, the head a linear probe fits.
 
-One logit per finding (multi-label, trained with BCE on logits). The encoder keeps CT-FM's state-dict keys under
+One logit per finding (multi-label, trained with BCE on logits). The backbone keeps its own state-dict keys under
 ``encoder.``, so every encoder weight of the table initialises it (:func:`ctfm.weights.init_encoder`); an input of
 several channels (HU windows as channels) adapts a one-channel stem (:func:`~ctfm.networks.encoder.adapt_input_conv`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
 
 import torch
 from torch import nn
 
-from ctfm.networks.encoder import CTFM_BLOCKS_DOWN, CTFM_INIT_FILTERS, CTFMEncoder
+from ctfm.networks.backbone import build_encoder
 
 __all__ = ["HEADS", "CTFMClassifier", "classification_head"]
 
@@ -34,31 +35,25 @@ def classification_head(kind: str, in_features: int, num_classes: int, hidden_fe
 
 
 class CTFMClassifier(nn.Module):
-    """CT-FM encoder + classification head.
+    """Backbone + classification head.
 
     Args:
         num_classes: findings, one logit each.
-        init_filters, in_channels, spatial_dims, blocks_down: the encoder's (:class:`CTFMEncoder`).
+        encoder: the backbone's description (:func:`~ctfm.networks.build_encoder`), e.g. ``{"init_filters": 8,
+            "in_channels": 1}`` for CT-FM's encoder or ``{"model_type": "ctfm_vit", "in_channels": 3, ...}`` for
+            FM-CT's ViT; ``None``: CT-FM's published encoder.
         head: ``"mlp"`` (CT-FM) or ``"linear"``.
         hidden_features: width of the MLP head's hidden layer.
 
-    Input ``(B, in_channels, D, H, W)``, spatial sizes multiples of 16; output ``(B, num_classes)`` logits.
+    Input ``(B, in_channels, D, H, W)``, spatial sizes multiples of the backbone's ``size_divisor`` (16 for CT-FM's
+    encoder, the patch size for the ViT); output ``(B, num_classes)`` logits.
     """
 
-    __jit_unused_properties__ = ["config"]
+    __jit_unused_properties__ = ["config", "size_divisor"]
 
-    def __init__(
-        self,
-        num_classes: int,
-        init_filters: int = CTFM_INIT_FILTERS,
-        in_channels: int = 1,
-        spatial_dims: int = 3,
-        blocks_down: Sequence[int] = CTFM_BLOCKS_DOWN,
-        head: str = "mlp",
-        hidden_features: int = 256,
-    ):
+    def __init__(self, num_classes: int, encoder: Mapping | None = None, head: str = "mlp", hidden_features: int = 256):
         super().__init__()
-        self.encoder = CTFMEncoder(init_filters, in_channels, spatial_dims, blocks_down)
+        self.encoder = build_encoder(encoder)
         self.head = classification_head(head, self.encoder.embedding_dim, int(num_classes), int(hidden_features))
         self.num_classes = int(num_classes)
         self.head_kind = head
@@ -66,13 +61,19 @@ class CTFMClassifier(nn.Module):
 
     @property
     def config(self) -> dict:
-        """The constructor arguments (written as ``config.json`` of a Hugging Face folder)."""
+        """The backbone's description and the head's arguments, flat (written as ``config.json`` of a Hugging Face
+        folder)."""
         return {
             **self.encoder.config,
             "num_classes": self.num_classes,
             "head": self.head_kind,
             "hidden_features": self.hidden_features,
         }
+
+    @property
+    def size_divisor(self) -> tuple[int, ...]:
+        """The backbone's: input sides must be multiples of these (per axis)."""
+        return self.encoder.size_divisor
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """``(B, embedding_dim)``: the pooled embedding the head reads."""

@@ -50,7 +50,12 @@ class CTFMEncoder(SegResEncoder):
     ``forward`` returns the five maps, shallow to deep (MONAI's contract, which ``SegResNetDS`` relies on).
     """
 
-    __jit_unused_properties__ = ["config", "embedding_dim"]
+    __jit_unused_properties__ = ["config", "embedding_dim", "size_divisor"]
+    #: State-dict key of the first convolution, adapted when the input channels differ (:func:`adapt_input_conv`).
+    stem_weight = STEM_WEIGHT
+    #: The module Grad-CAM reads: the blocks of the fourth of five levels (stride 8), before its downsampling (a
+    #: ModuleDict level is never called itself, so hooks go on its blocks).
+    saliency_layer = "layers.3.blocks"
 
     def __init__(
         self,
@@ -81,10 +86,16 @@ class CTFMEncoder(SegResEncoder):
         """Channels of the deepest map, i.e. the length of the pooled embedding (512 for CT-FM)."""
         return self.init_filters * 2 ** (len(self.blocks_down) - 1)
 
+    @property
+    def size_divisor(self) -> tuple[int, ...]:
+        """Input sides must be multiples of these (per axis): the deepest map's stride, ``2 ** (levels - 1)``
+        (:data:`SIZE_DIVISOR`, 16, for CT-FM's five levels)."""
+        return (2 ** (len(self.blocks_down) - 1),) * self.spatial_dims
+
     def feature_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
         """Dense maps, shallow to deep: ``init_filters * 2**i`` channels at stride ``2**i``."""
         if not torch.jit.is_scripting():
-            check_spatial_size(x.shape[2:])
+            check_spatial_size(x.shape[2:], self.size_divisor)
         return self._forward(x)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
@@ -120,12 +131,14 @@ def adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
     return tiled * (channels / in_channels)
 
 
-def check_spatial_size(spatial_shape: Sequence[int]) -> None:
-    """Raise ``ValueError`` unless every spatial size is a positive multiple of :data:`SIZE_DIVISOR`."""
-    bad = [int(s) for s in spatial_shape if int(s) <= 0 or int(s) % SIZE_DIVISOR]
-    if bad:
-        shape = tuple(int(s) for s in spatial_shape)
+def check_spatial_size(spatial_shape: Sequence[int], divisor: Sequence[int] | int = SIZE_DIVISOR) -> None:
+    """Raise ``ValueError`` unless every spatial size is a positive multiple of ``divisor`` (per axis or one for all;
+    default :data:`SIZE_DIVISOR`)."""
+    shape = tuple(int(s) for s in spatial_shape)
+    divisors = (int(divisor),) * len(shape) if isinstance(divisor, int) else tuple(int(d) for d in divisor)
+    if any(s <= 0 or s % d for s, d in zip(shape, divisors)):
+        k = divisors[0] if len(set(divisors)) == 1 else list(divisors)
         raise ValueError(
-            f"CT-FM encoder input spatial shape {shape} must be multiples of {SIZE_DIVISOR}; "
-            f"pad or crop the volume first (e.g. DivisiblePadd(k={SIZE_DIVISOR}))"
+            f"CT-FM encoder input spatial shape {shape} must be multiples of {k}; "
+            f"pad or crop the volume first (e.g. DivisiblePadd(k={k}))"
         )

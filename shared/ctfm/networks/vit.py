@@ -8,13 +8,17 @@ export and the embedding code take either backbone:
 - ``forward(x)`` / :meth:`~CTFMViT.feature_maps` return a one-element list: the patch tokens after the final
   LayerNorm laid out as a map ``(B, hidden_size, D / p, H / p, W / p)`` (the "deepest map");
 - :meth:`~CTFMViT.embed` is the mean over patch tokens, ``(B, hidden_size)``;
+- :attr:`~CTFMViT.size_divisor` is the patch size (input sides must be multiples of it), :attr:`~CTFMViT.stem_weight`
+  the patch-embedding convolution (adapted to other input channels like the CNN's first convolution) and
+  :attr:`~CTFMViT.saliency_layer` the token map (an identity module Grad-CAM hooks);
 - :attr:`~CTFMViT.config` holds the constructor arguments plus ``model_type`` (:data:`VIT_MODEL_TYPE`), which
   :func:`ctfm.checkpoint.save_hf_folder` writes as ``config.json`` and :func:`ctfm.checkpoint.load_encoder`
   reads back to build a ViT.
 
 Inputs of another size than ``img_size`` (multi-crop's local crops) are accepted when every side is a multiple
 of the patch size: the learned position embeddings are resampled (trilinear) to that token grid; at ``img_size``
-they are used as they are. State-dict keys are exactly MONAI's ``ViT`` keys.
+they are used as they are. State-dict keys are exactly MONAI's ``ViT`` keys. :class:`CTFMEmbeddingViT` is the same
+network whose ``forward`` is the pooled embedding (as :class:`~ctfm.networks.CTFMEmbeddingEncoder` for the CNN).
 """
 
 from __future__ import annotations
@@ -24,8 +28,9 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import ViT
+from torch import nn
 
-__all__ = ["FMCT_VIT", "VIT_MODEL_TYPE", "CTFMViT"]
+__all__ = ["FMCT_VIT", "VIT_MODEL_TYPE", "CTFMEmbeddingViT", "CTFMViT"]
 
 #: ``config.json``'s ``model_type`` of a :class:`CTFMViT` folder (a CT-FM encoder folder has none).
 VIT_MODEL_TYPE = "ctfm_vit"
@@ -52,6 +57,11 @@ class CTFMViT(ViT):
     Input: ``(B, in_channels, D, H, W)``, each side a multiple of ``patch_size``.
     """
 
+    #: State-dict key of the patch-embedding convolution, the one tensor whose shape depends on the input channels.
+    stem_weight = "patch_embedding.patch_embeddings.weight"
+    #: The module Grad-CAM reads: the token map ``(B, hidden_size, *grid)`` after the final LayerNorm.
+    saliency_layer = "token_map"
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -72,6 +82,7 @@ class CTFMViT(ViT):
         self.in_channels, self.img_size, self.patch_size = int(in_channels), img, patch
         self.hidden_size, self.mlp_dim, self.num_layers, self.num_heads = int(hidden_size), int(mlp_dim), int(num_layers), int(num_heads)
         self.spatial_dims = int(spatial_dims)
+        self.token_map = nn.Identity()  # no weights: a named place for hooks on the dense map
 
     @property
     def config(self) -> dict:
@@ -92,6 +103,11 @@ class CTFMViT(ViT):
     def embedding_dim(self) -> int:
         """Length of the pooled embedding: ``hidden_size`` (768 for FM-CT)."""
         return self.hidden_size
+
+    @property
+    def size_divisor(self) -> tuple[int, ...]:
+        """Input sides must be multiples of these (per axis): the patch size."""
+        return self.patch_size
 
     def token_grid(self, spatial_shape: Sequence[int]) -> tuple[int, ...]:
         """Tokens per axis for an input of ``spatial_shape`` voxels; raises ``ValueError`` unless divisible."""
@@ -117,7 +133,7 @@ class CTFMViT(ViT):
         for block in self.blocks:
             tokens = block(tokens)
         tokens = self.norm(tokens)
-        return [tokens.transpose(1, 2).reshape(x.shape[0], self.hidden_size, *grid)]
+        return [self.token_map(tokens.transpose(1, 2).reshape(x.shape[0], self.hidden_size, *grid))]
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:  # type: ignore[override]
         return self.feature_maps(x)
@@ -125,3 +141,11 @@ class CTFMViT(ViT):
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled embedding ``(B, hidden_size)``: the mean of the patch tokens."""
         return self.feature_maps(x)[-1].flatten(2).mean(-1)
+
+
+class CTFMEmbeddingViT(CTFMViT):
+    """:class:`CTFMViT` whose ``forward`` is :meth:`~CTFMViT.embed`: ``(B, C, D, H, W) -> (B, hidden_size)``; same
+    arguments and state-dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return self.embed(x)

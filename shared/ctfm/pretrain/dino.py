@@ -13,7 +13,10 @@ teacher the unmasked global crops. These pieces plug into MONAI's ``SupervisedTr
   the same global crop; it keeps the teacher centres (EMA of the teacher's logits) as buffers;
 - :class:`DINOTeacherUpdate`, an ignite handler, sets the teacher temperature (linear warm-up) before each step,
   updates the teacher as an EMA of the student (momentum on a cosine schedule to 1) after it, and puts the loss
-  terms and collapse watches into the engine's output, which :func:`loss_terms` reads for TensorBoard.
+  terms and collapse watches into the engine's output, which :func:`loss_terms` reads for TensorBoard;
+- :class:`DINOStudentUpdate`, an ignite handler, does the rest of DINO's optimisation step: the weight decay on a
+  cosine schedule (0.04 -> 0.4) over the parameters :func:`param_groups` regularises (not biases or norms),
+  gradient clipping (global norm 3.0) and the head's last layer frozen for the first steps.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from ignite.engine import Engine, Events
+from monai.engines.utils import IterationEvents
 from monai.transforms import Compose, MapTransform, Randomizable, RandSpatialCrop, Resize
 from monai.utils import convert_to_tensor
 from torch import nn
@@ -38,11 +42,14 @@ __all__ = [
     "GLOBAL_KEY",
     "LOCAL_KEY",
     "MASK_KEY",
+    "SCHEDULED_WEIGHT_DECAY",
     "DINOLoss",
+    "DINOStudentUpdate",
     "DINOTeacherUpdate",
     "MultiCropViewsd",
     "block_mask",
     "loss_terms",
+    "param_groups",
     "prepare_multicrop",
 ]
 
@@ -309,9 +316,107 @@ class DINOTeacherUpdate:
     def after_step(self, engine: Engine) -> None:
         m = self.momentum_at(engine.state.iteration - 1)
         ema_update_(self.model.teacher, self.model.student, m)
-        output = engine.state.output
-        if isinstance(output, dict):
-            output["terms"] = {**self.loss.terms, "momentum": m, "teacher_temperature": self.loss.teacher_temperature}
+        _add_terms(engine, {**self.loss.terms, "momentum": m, "teacher_temperature": self.loss.teacher_temperature})
+
+
+#: The key of an optimiser group whose weight decay :class:`DINOStudentUpdate` schedules (kept in its state dict).
+SCHEDULED_WEIGHT_DECAY = "scheduled_weight_decay"
+
+
+def param_groups(module: nn.Module) -> list[dict]:
+    """``module``'s trainable parameters as the optimiser's two groups (DINO's): ``[{"params": weights,
+    "scheduled_weight_decay": True}, {"params": biases and norms, "weight_decay": 0.0}]``; a parameter of one
+    dimension or named ``*.bias`` is not regularised. :class:`DINOStudentUpdate` schedules the first group's weight
+    decay."""
+    regularised, plain = [], []
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            (plain if name.endswith(".bias") or p.ndim <= 1 else regularised).append(p)
+    return [{"params": regularised, SCHEDULED_WEIGHT_DECAY: True}, {"params": plain, "weight_decay": 0.0}]
+
+
+class DINOStudentUpdate:
+    """DINO's optimisation step around MONAI's ``SupervisedTrainer``'s, as an ignite handler.
+
+    Args:
+        optimizer: the student's optimiser, its groups from :func:`param_groups`.
+        model: the (unwrapped) :class:`~ctfm.networks.DINOModel`.
+        total_iterations: the run's length in steps; the weight decay reaches ``weight_decay_end`` there.
+        weight_decay, weight_decay_end: the cosine schedule of the weight decay of the groups :func:`param_groups`
+            marks (DINO, FM-CT: 0.04 -> 0.4); with no group marked (a plain parameter list), of every group.
+        clip_grad: the student's gradients are scaled to this global L2 norm at most (DINOv2: 3.0; 0: no clipping).
+        freeze_last_layer_iterations: steps at the start during which the head's last layer is not updated (DINO:
+            the first epoch; its gradients are dropped, so the optimiser leaves it alone).
+
+    Before each step the weight decay is set (``cosine_schedule(n - 1, ...)``); after the backward pass, and before
+    the optimiser steps (MONAI's ``BACKWARD_COMPLETED``; gradients unscaled first under AMP), gradients are clipped
+    and the last layer's dropped while frozen; with the trainer's gradient accumulation, only on the steps the
+    optimiser takes. All are functions of the step, so a resumed run continues them exactly.
+    ``engine.state.output["terms"]`` gets ``grad_norm`` (the norm before clipping), ``weight_decay`` (as set on the
+    scheduled groups) and ``learning_rate``.
+    """
+
+    def __init__(self, optimizer: torch.optim.Optimizer, model: nn.Module, total_iterations: int, weight_decay: float = 0.04,
+                 weight_decay_end: float = 0.4, clip_grad: float = 3.0, freeze_last_layer_iterations: int = 0):
+        self.optimizer = optimizer
+        self.model = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+        self.total_iterations = int(total_iterations)
+        self.weight_decay, self.weight_decay_end = float(weight_decay), float(weight_decay_end)
+        self.clip_grad = float(clip_grad)
+        self.freeze_last_layer_iterations = int(freeze_last_layer_iterations)
+        self.grad_norm = self.learning_rate = self.weight_decay_set = float("nan")
+
+    def weight_decay_at(self, step: int) -> float:
+        return cosine_schedule(step, self.total_iterations, self.weight_decay, self.weight_decay_end)
+
+    def attach(self, engine: Engine) -> None:
+        engine.add_event_handler(Events.ITERATION_STARTED, self.before_step)
+        engine.add_event_handler(IterationEvents.BACKWARD_COMPLETED, self.after_backward)
+        engine.add_event_handler(Events.ITERATION_COMPLETED, self.after_step)
+
+    def before_step(self, engine: Engine) -> None:
+        # looked up every step: loading a checkpoint's optimiser state replaces the group dicts (the mark is kept)
+        groups = self.optimizer.param_groups
+        scheduled = [g for g in groups if g.get(SCHEDULED_WEIGHT_DECAY)] or groups
+        self.weight_decay_set = self.weight_decay_at(engine.state.iteration - 1)
+        for group in scheduled:
+            group["weight_decay"] = self.weight_decay_set
+        self.learning_rate = float(groups[0]["lr"])  # this step's, before the scheduler moves it
+
+    def after_backward(self, engine: Engine) -> None:
+        if not _optimiser_steps(engine):
+            return  # an accumulation step: the optimiser does not step, the gradients are not complete
+        student = self.model.student
+        scaler = getattr(engine, "scaler", None)
+        if scaler is not None and getattr(engine, "amp", False):
+            scaler.unscale_(self.optimizer)
+        grads = [p for p in student.parameters() if p.grad is not None]
+        if grads:  # an infinite bound measures the norm without clipping
+            self.grad_norm = float(torch.nn.utils.clip_grad_norm_(grads, self.clip_grad if self.clip_grad > 0 else math.inf))
+        if engine.state.iteration <= self.freeze_last_layer_iterations:
+            for p in student.head.last_layer.parameters():
+                p.grad = None
+
+    def after_step(self, engine: Engine) -> None:
+        _add_terms(engine, {"grad_norm": self.grad_norm, "weight_decay": self.weight_decay_set, "learning_rate": self.learning_rate})
+
+
+def _optimiser_steps(engine: Engine) -> bool:
+    """Whether MONAI's ``SupervisedTrainer`` steps the optimiser this iteration: every one, or with
+    ``accumulation_steps`` ``a`` every ``a``-th of the epoch and its last."""
+    acc = int(getattr(engine, "accumulation_steps", 1))
+    if acc <= 1:
+        return True
+    epoch_length = engine.state.epoch_length
+    local = (engine.state.iteration - 1) % epoch_length if epoch_length else engine.state.iteration - 1
+    return (local + 1) % acc == 0 or (epoch_length is not None and local + 1 == epoch_length)
+
+
+def _add_terms(engine: Engine, terms: Mapping[str, float]) -> None:
+    """Merge ``terms`` into ``engine.state.output["terms"]`` (what :func:`loss_terms` logs)."""
+    output = engine.state.output
+    if isinstance(output, dict):
+        output["terms"] = {**output.get("terms", {}), **terms}
 
 
 def loss_terms(output: dict | list[dict]) -> dict[str, float]:

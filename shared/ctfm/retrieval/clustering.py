@@ -16,19 +16,22 @@ import numpy as np
 import torch
 
 from ctfm.files import atomic_path
+from ctfm.networks.encoder import SIZE_DIVISOR
 from ctfm.retrieval.query import crop_at
 
 __all__ = ["cluster_scores", "organ_crops", "write_cluster_map"]
 
 
 def organ_crops(image: torch.Tensor, label: torch.Tensor, names: Mapping[int, str], organs: Sequence[str] | None,
-                crop_size: Sequence[int], per_organ: int, min_voxels: int, seed: int) -> list[tuple[torch.Tensor, str]]:
+                crop_size: Sequence[int], per_organ: int, min_voxels: int, seed: int,
+                divisor: Sequence[int] | int = SIZE_DIVISOR) -> list[tuple[torch.Tensor, str]]:
     """``per_organ`` crops ``(1, C, *crop)`` per organ, each centred on a seeded random voxel of that organ.
 
     Args:
         image: ``(C, S, P, L)`` preprocessed CT; ``label``: ``(1, S, P, L)`` label map on the same grid.
         names: label id -> organ name; ``organs``: the names to use (None: every labelled one).
         min_voxels: an organ with fewer voxels on this grid is skipped.
+        divisor: the backbone's ``size_divisor``: crop sides are rounded up to its multiples (:func:`crop_at`).
     """
     rng = np.random.default_rng(seed)
     ids = {name: i for i, name in names.items()}
@@ -40,7 +43,7 @@ def organ_crops(image: torch.Tensor, label: torch.Tensor, names: Mapping[int, st
         if len(voxels) < min_voxels:
             continue
         for centre in voxels[rng.choice(len(voxels), size=per_organ, replace=len(voxels) < per_organ)]:
-            crops.append((crop_at(image, centre, crop_size), organ))
+            crops.append((crop_at(image, centre, crop_size, divisor), organ))
     return crops
 
 

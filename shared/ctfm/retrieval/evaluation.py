@@ -3,7 +3,8 @@
 - 3D-MIR (CT-FM's recipe): scan embeddings from the store (sliding patches, element-wise min), cosine; queries are
   the test split, the database the training split, per organ; relevant = same lesion flag, or same lesion group.
   Without split files each case queries all others of its organ (leave-one-out).
-- OrganMNIST3D (CT-FM's recipe): one embedding per volume (each side resized to a multiple of 16), Euclidean;
+- OrganMNIST3D (CT-FM's recipe): one embedding per volume (each side resized to a multiple of the backbone's
+  size divisor: 16 for CT-FM's encoder), Euclidean;
   queries are the test split, the database the training split; relevant = same organ.
 
 Writes ``<output_dir>/retrieval/metrics.csv`` (one row per encoder x benchmark x target [x organ]) and
@@ -25,6 +26,7 @@ from ctfm.embedding import encoder_patch_size, pooled
 from ctfm.embedding_store import encoders_to_compare
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
+from ctfm.networks.backbone import size_divisor
 from ctfm.retrieval.datasets import MIR_TARGETS, MIRCase, read_3dmir, read_organmnist3d
 from ctfm.retrieval.metrics import rank_database, summary
 
@@ -72,13 +74,14 @@ def evaluate_organmnist(splits: Mapping[str, tuple[np.ndarray, np.ndarray]], emb
 
 @torch.no_grad()
 def embed_arrays(network: Callable, images: np.ndarray, device: torch.device | str = "cpu", batch_size: int = 16) -> np.ndarray:
-    """``(N, 1, S, S, S)`` in [0, 1] -> ``(N, D)``; each side resized (trilinear) to the next multiple of 16."""
-    side = encoder_patch_size(images.shape[-1:])[0]
+    """``(N, 1, S, S, S)`` in [0, 1] -> ``(N, D)``; each side resized (trilinear) to the next multiple of the
+    network's ``size_divisor`` (16 for CT-FM's encoder)."""
+    size = encoder_patch_size(images.shape[2:], size_divisor(network, images.ndim - 2))
     out = []
     for i in range(0, len(images), batch_size):
         x = torch.from_numpy(images[i : i + batch_size]).to(device)
-        if x.shape[-1] != side:
-            x = torch.nn.functional.interpolate(x, size=(side,) * 3, mode="trilinear", align_corners=False)
+        if tuple(x.shape[2:]) != size:
+            x = torch.nn.functional.interpolate(x, size=size, mode="trilinear", align_corners=False)
         out.append(pooled(network(x)).float().cpu().numpy())
     return np.concatenate(out)
 

@@ -24,6 +24,7 @@ from ctfm.embedding import PatchEmbeddingInferer, sliding_patch_embeddings
 from ctfm.embedding_store import encoders_to_compare
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
+from ctfm.networks.backbone import size_divisor
 from ctfm.preview import render_saliency
 from ctfm.retrieval.clustering import cluster_scores, organ_crops, write_cluster_map
 from ctfm.retrieval.extract import embed_crop, embed_volume
@@ -80,13 +81,15 @@ def run_probe(
     out = Path(output_dir) / "probe"
     results: dict = {"scans": [s["id"] for s in scans], "encoders": {}}
     cluster_maps, cluster_rows, search_rows, retest_rows = {}, [], [], []
-    crops = [(crop, organ, s["id"]) for s in scans
-             for crop, organ in organ_crops(s["image"], s["label"], label_names, organs, crop_size, crops_per_organ, min_organ_voxels, seed)]
+    encoders = encoders_to_compare(build_encoder, encoder_weights, seed)
+    divisor = size_divisor(next(iter(encoders.values()))[0])  # one backbone: crops fit both encoders
+    crops = [(crop, organ, s["id"]) for s in scans for crop, organ in
+             organ_crops(s["image"], s["label"], label_names, organs, crop_size, crops_per_organ, min_organ_voxels, seed, divisor)]
     organ_of, scan_of = [c[1] for c in crops], [c[2] for c in crops]
     if len(set(organ_of)) < 2:
         raise CTFMError(f"clustering needs crops of at least two organs; found {sorted(set(organ_of))} (check organs and the label maps)")
     scan_inferer = PatchEmbeddingInferer(scan_patch_size, scan_overlap)
-    for name, (encoder, weights) in encoders_to_compare(build_encoder, encoder_weights, seed).items():
+    for name, (encoder, weights) in encoders.items():
         embed = encoder.to(device).eval()
 
         # anatomical clustering
@@ -107,9 +110,10 @@ def run_probe(
                     if sid is None or not (q["label"] == sid).any() or not (t["label"] == sid).any():
                         continue
                     if t["id"] not in patches:
-                        patches[t["id"]] = sliding_patch_embeddings(embed, t["image"].to(device), crop_size, search_overlap)
+                        patches[t["id"]] = sliding_patch_embeddings(embed, t["image"].to(device), crop_size, search_overlap,
+                                                                    divisor=divisor)
                     r = search_structure(embed, q["image"].to(device), q["label"], t["image"].to(device), t["label"], sid, crop_size,
-                                         t["spacing"], search_overlap, patches[t["id"]])
+                                         t["spacing"], search_overlap, patches[t["id"]], divisor)
                     hits.append(r["hit"])
                     search_rows.append({"encoder": name, "query": q["id"], "target": t["id"], "structure": structure, **r})
         absent = [s for s in search_structures if not any(r["structure"] == s for r in search_rows if r["encoder"] == name)]
@@ -131,7 +135,7 @@ def run_probe(
         # occlusion saliency of the first scan's crop at the centre of its labelled body
         s = scans[0]
         centre = np.argwhere(np.asarray(s["label"][0]) > 0).mean(0)
-        patch = crop_at(s["image"], centre, crop_size).to(device)
+        patch = crop_at(s["image"], centre, crop_size, divisor).to(device)
         saliency = occlusion_saliency(embed, patch, occlusion_mask).cpu().numpy()
         peak = float(saliency.max())
         shown = saliency / peak if peak > 0 else saliency

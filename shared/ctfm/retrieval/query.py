@@ -32,6 +32,8 @@ from ctfm.embedding import PatchEmbeddingInferer, encoder_patch_size
 from ctfm.embedding_store import EmbeddingStore
 from ctfm.errors import CTFMError
 from ctfm.files import atomic_path
+from ctfm.networks.backbone import size_divisor
+from ctfm.networks.encoder import SIZE_DIVISOR
 from ctfm.preview import render_contact_sheet
 from ctfm.retrieval.extract import embed_crop, embed_volume
 from ctfm.retrieval.index import RetrievalIndex
@@ -74,10 +76,12 @@ def _read_label_map(path: str | os.PathLike) -> MetaTensor:
         raise CTFMError(f"{path}: unreadable label map ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})") from None
 
 
-def crop_at(volume: torch.Tensor, centre_voxel: Sequence[float], patch_size: Sequence[int]) -> torch.Tensor:
-    """``(C, S, P, L)`` -> ``(1, C, *patch)``: the patch (each side rounded up to a multiple of 16) centred on
-    ``centre_voxel``, shifted to lie inside the volume, padded with the volume's minimum where it is smaller."""
-    patch = encoder_patch_size(patch_size)
+def crop_at(volume: torch.Tensor, centre_voxel: Sequence[float], patch_size: Sequence[int],
+            divisor: Sequence[int] | int = SIZE_DIVISOR) -> torch.Tensor:
+    """``(C, S, P, L)`` -> ``(1, C, *patch)``: the patch (each side rounded up to a multiple of the backbone's
+    ``divisor``, :func:`ctfm.networks.size_divisor`) centred on ``centre_voxel``, shifted to lie inside the volume,
+    padded with the volume's minimum where it is smaller."""
+    patch = encoder_patch_size(patch_size, divisor)
     pad = [max(p - s, 0) for p, s in zip(patch, volume.shape[1:])]
     if any(pad):
         volume = torch.nn.functional.pad(volume, [v for d in reversed(pad) for v in (0, d)], value=float(volume.min()))
@@ -132,7 +136,7 @@ def run_query(
         batch = image.unsqueeze(0).to(device)
         if region:
             centre_mm = region_centre_mm(query_image, query_box_mm, query_mask, query_label)
-            crop = crop_at(image, world_to_voxel(centre_mm, image.affine), inferer.patch_size)
+            crop = crop_at(image, world_to_voxel(centre_mm, image.affine), inferer.patch_size, size_divisor(network))
             vector = embed_crop(network, crop.to(device)).numpy()
             name += "_region"
         else:

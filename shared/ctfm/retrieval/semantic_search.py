@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from ctfm.embedding import encoder_patch_size, sliding_patch_embeddings
+from ctfm.networks.encoder import SIZE_DIVISOR
 from ctfm.retrieval.extract import embed_crop
 from ctfm.retrieval.query import crop_at
 
@@ -33,6 +34,7 @@ def search_structure(
     spacing_mm: Sequence[float],
     overlap: float = 0.25,
     target_patches: tuple[torch.Tensor, torch.Tensor] | None = None,
+    divisor: Sequence[int] | int = SIZE_DIVISOR,
 ) -> dict:
     """Search ``query``'s patch at label ``structure``'s centroid in ``target``.
 
@@ -42,16 +44,18 @@ def search_structure(
         spacing_mm: the grid's spacing (S, P, L).
         target_patches: the target's ``(embeddings, starts)`` from :func:`~ctfm.embedding.sliding_patch_embeddings`
             when already computed (one sliding pass serves every structure).
+        divisor: the backbone's ``size_divisor`` (:func:`ctfm.networks.size_divisor`): patch sides are rounded up to
+            its multiples.
 
     Returns:
         ``hit`` (best patch centre inside the target structure), ``distance_mm`` (best patch centre to the target
         structure's centroid), ``cosine`` (best score), ``best_centre_voxel``.
     """
     q_mask, t_mask = np.asarray(query_label[0]) == structure, np.asarray(target_label[0]) == structure
-    crop = crop_at(query, _centroid(q_mask), patch_size)
+    crop = crop_at(query, _centroid(q_mask), patch_size, divisor)
     vector = embed_crop(embed, crop)
-    embeddings, starts = target_patches or sliding_patch_embeddings(embed, target, patch_size, overlap)
-    patch = np.array(encoder_patch_size(patch_size))
+    embeddings, starts = target_patches or sliding_patch_embeddings(embed, target, patch_size, overlap, divisor=divisor)
+    patch = np.array(encoder_patch_size(patch_size, divisor))
     scores = torch.nn.functional.cosine_similarity(embeddings, vector[None], dim=1)
     best = int(torch.argmax(scores))
     centre = starts[best].numpy() + patch // 2

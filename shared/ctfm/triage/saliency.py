@@ -11,11 +11,13 @@ import torch
 from monai.visualize import GradCAM
 from torch import nn
 
-__all__ = ["GRADCAM_LAYER", "fold_windows", "gradcam"]
+__all__ = ["fold_windows", "gradcam", "gradcam_layer"]
 
-#: The encoder level Grad-CAM reads: the blocks of the fourth of five levels (stride 8), before its downsampling
-#: (a ModuleDict level is never called itself, so hooks go on its blocks).
-GRADCAM_LAYER = "encoder.layers.3.blocks"
+
+def gradcam_layer(network: nn.Module) -> str:
+    """The module Grad-CAM reads in a classifier: its backbone's ``saliency_layer`` (CT-FM's encoder: the blocks of
+    the fourth of five levels, stride 8; FM-CT's ViT: the token map after the final norm)."""
+    return f"encoder.{network.encoder.saliency_layer}"
 
 
 def fold_windows(volume: np.ndarray, n_windows: int) -> np.ndarray:
@@ -25,14 +27,15 @@ def fold_windows(volume: np.ndarray, n_windows: int) -> np.ndarray:
     return volume.reshape(n_windows, volume.shape[0] // n_windows, *volume.shape[1:]).mean(0)
 
 
-def gradcam(network: nn.Module, image: torch.Tensor, class_index: int, layer: str = GRADCAM_LAYER) -> np.ndarray:
-    """Grad-CAM of logit ``class_index`` for one input ``image`` ``(C, *spatial)``: ``(*spatial)`` in [0, 1]."""
+def gradcam(network: nn.Module, image: torch.Tensor, class_index: int, layer: str | None = None) -> np.ndarray:
+    """Grad-CAM of logit ``class_index`` for one input ``image`` ``(C, *spatial)``: ``(*spatial)`` in [0, 1]; ``layer``
+    the module to read (default :func:`gradcam_layer`)."""
     was_training = network.training
     network.eval()
     device = next(network.parameters()).device
     try:
         with torch.enable_grad():
-            cam = GradCAM(nn_module=network, target_layers=layer)
+            cam = GradCAM(nn_module=network, target_layers=layer or gradcam_layer(network))
             heat = cam(torch.as_tensor(image)[None].float().to(device), class_idx=int(class_index))
     finally:
         network.train(was_training)
