@@ -38,7 +38,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -47,6 +46,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_inference import machine_info, measure_peak  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "ctfm_pretrain" / "configs"
@@ -85,16 +87,6 @@ def bench_config() -> dict:
     """:data:`BENCH_CONFIG` with the ``imports`` of every recipe's config files before its own."""
     imports = [i for configs, _ in RECIPES.values() for c in configs for i in json.loads((CONFIGS / c).read_text()).get("imports", [])]
     return {**BENCH_CONFIG, "imports": list(dict.fromkeys(imports + BENCH_CONFIG["imports"]))}
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_recipes(names: list[str], work: Path, init: Path, bench_file: Path, steps: dict[str, int], budget_cpu_s: float,
@@ -317,21 +309,6 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
-def peak_gflops(threads: int = 1, n: int = 2048, repeats: int = 5) -> float:
-    """fp32 matmul peak on ``threads`` threads: median of ``repeats`` ``n x n`` products."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        times.append(time.perf_counter() - t)
-    torch.set_num_threads(previous)
-    return 2 * n**3 / float(np.median(times)) / 1e9
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget_cpu_s", type=float, default=600.0, help="CPU seconds of training per recipe (default 600)")
@@ -348,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     loadavg_start = os.getloadavg()
-    peak = peak_gflops()
+    torch.set_num_threads(1)  # the recipes' one thread each
+    peak = measure_peak(torch.device("cpu"), threads=1)["fp32_gflops"]
     work = Path(args.work)
     if work.exists():
         import shutil
@@ -388,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
 
     result = {
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "cpu": cpu_model(),
+        "cpu": machine_info()["cpu"],
         "cores": os.cpu_count(),
         "peak_gflops": peak,
         "torch": torch.__version__,

@@ -64,7 +64,8 @@ VIT_WORKFLOWS = [
     ("ctfm_triage", ["inference.json", "recipe_fmct.json", "encoder_vit.json"], "infer"),
     ("ctfm_retrieval", ["extract.json", "encoder_vit.json"], "infer"),
 ]
-TINY_VIT = {"vit_hidden_size": 24, "vit_mlp_dim": 32, "vit_num_layers": 1, "vit_num_heads": 2}
+#: The ``vit_*`` ids of the tiny ViT's width and depth (its size and patch stay the overrides' FM-CT values).
+TINY_VIT = {f"vit_{k}": v for k, v in tiny_vit_config().items() if k in ("hidden_size", "mlp_dim", "num_layers", "num_heads")}
 
 
 @pytest.fixture(scope="module")

@@ -200,8 +200,9 @@ def resolve(source: str | os.PathLike, bundle_root: str | os.PathLike | None = N
     name to ``<bundle_root>/models/<name>/`` (where the bundle's ``large_files.yml`` puts it) or its cache folder;
     a shipped name also to its bundle as ``monai.bundle download`` placed it. A path is taken as it is; when it lies in a bundle folder of the table (a
     ``configs/metadata.json`` above it and that bundle's shipped files under it), those files' hashes apply.
-    Configs resolve ``encoder_weights`` with the folder the config was read from (``ctfm.bundle.bundle_root()``), not
-    ``@bundle_root``: a run folder given as ``--bundle_root`` holds none of the bundle's shipped files.
+    Configs resolve ``encoder_weights`` with ``@shipped_root``, the folder the config was read from
+    (``ctfm.bundle.bundle_root()``), not ``@bundle_root``: a run folder given as ``--bundle_root`` holds none of the
+    bundle's shipped files.
 
     Raises:
         CTFMError: a name whose files are not on this machine (the message says how to fetch them).
