@@ -38,7 +38,7 @@ def test_bundle_inference_writes_embeddings_and_map(tmp_path, small_encoder):
     save_state_dict(small_encoder, tmp_path / "encoder.pt")
     cmd = [sys.executable, "-m", "monai.bundle", "run", "--config_file", str(INFERENCE), "--bundle_root", str(tmp_path),
            "--ckpt_path", str(tmp_path / "encoder.pt"), "--init_filters", "4", "--roi_size", "[32,64,64]",
-           "--datalist", "example_ct_sm.nii.gz"]
+           "--datalist", "example_ct.nii.gz"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = load_file(str(tmp_path / "eval" / "example_ct_embedding.safetensors"))
